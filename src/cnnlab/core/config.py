@@ -1,0 +1,251 @@
+"""Run configuration: frozen dataclasses, one per stage, validated once when loaded.
+
+A config file is YAML with the sections `data`, `model` and `train` (plus `out` and `tag`);
+`--set train.lr=0.05` style overrides are applied on top. Every key is type-checked against the
+dataclass field and unknown keys are rejected with the list of valid ones, so a typo never
+silently falls back to a default. Variants (sweeps) are `dataclasses.replace` copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnlab.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # image folder, .zip/.tar(.gz) archive, or a dataset name (cifar10, digits)
+    image_size: int = 0  # square input side in pixels; 0 = the model's default, else the data's
+    val_fraction: float = 0.1  # carved from train when the data ships train/ and test/
+    test_fraction: float = 0.2  # with val_fraction 0.2 gives 60/20/20 when the data has no split
+    split_file: str = ""  # reuse a split.csv from an earlier run
+    split_seed: int = 0
+    loader: str = "auto"  # auto | memory | stream
+    memory_cap_mb: int = 4096  # decoded uint8 data above this streams from disk instead
+    augment: tuple[str, ...] = ("crop", "flip")  # crop, flip, cutout, jitter (batched tensor ops)
+    crop_padding: int = 4  # pixels of reflect padding for the random crop
+    limit_per_class: int = 0  # keep at most this many images per class and split; 0 = all
+    workers: int = 2  # decoding processes for the cache build and the streaming loader
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = ""  # a registry name (`cnnlab models`); "" picks the default for the data
+    layers: tuple[Any, ...] = ()  # layer list for name "custom" (see models/layers.py)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0
+    epochs: int = 10
+    batch_size: int = 64
+    schedule: str = "constant"  # constant | step | exponential | cosine | onecycle
+    warmup_epochs: float = 0.0  # linear warm-up from lr/100, in epochs (fractions allowed)
+    step_epochs: int = 10  # step schedule: decay every this many epochs
+    gamma: float = 0.1  # step / exponential decay factor (per step period / per epoch)
+    label_smoothing: float = 0.0
+    class_weights: str = "none"  # none | balanced (inverse class frequency)
+    patience: int = 0  # early stopping: epochs without improvement; 0 = off
+    monitor: str = "val_loss"  # val_loss | val_accuracy: picks the best epoch
+    seed: int = 0
+    deterministic: bool = False
+    precision: str = "auto"  # auto (bf16 where the CPU has AMX/AVX512-BF16) | fp32 | bf16
+    threads: int = 0  # intra-op threads; 0 = all cores
+    eval_batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs"  # root folder of run folders
+    tag: str = ""  # appended to the run folder's name
+
+
+CHOICES = {
+    "data.loader": ("auto", "memory", "stream"),
+    "train.optimizer": ("adam", "adamw", "sgd"),
+    "train.schedule": ("constant", "step", "exponential", "cosine", "onecycle"),
+    "train.class_weights": ("none", "balanced"),
+    "train.monitor": ("val_loss", "val_accuracy"),
+    "train.precision": ("auto", "fp32", "bf16"),
+}
+AUGMENTATIONS = ("crop", "flip", "cutout", "jitter")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config: {key} must be a list, got {value!r}")
+        item_tp = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"config: {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"config: {key} must be a whole number, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"config: {key} must be a whole number, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"config: {key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config: {key} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"config: {key} must be text, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config: {prefix or 'the file'} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise UserError(f"config: unknown key '{full}'; valid keys: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values no run could use, naming the field and the valid choices."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise UserError(f"config: {key} is {value!r}; choose one of {', '.join(choices)}")
+    for aug in cfg.data.augment:
+        if aug not in AUGMENTATIONS:
+            raise UserError(f"config: data.augment has {aug!r}; choose from {', '.join(AUGMENTATIONS)}")
+    t, d = cfg.train, cfg.data
+    checks = [
+        (t.lr > 0, "train.lr must be above 0"),
+        (t.epochs >= 1, "train.epochs must be at least 1"),
+        (t.batch_size >= 1, "train.batch_size must be at least 1"),
+        (t.eval_batch_size >= 1, "train.eval_batch_size must be at least 1"),
+        (0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (t.weight_decay >= 0, "train.weight_decay must not be negative"),
+        (t.patience >= 0, "train.patience must not be negative"),
+        (t.warmup_epochs >= 0, "train.warmup_epochs must not be negative"),
+        (t.step_epochs >= 1, "train.step_epochs must be at least 1"),
+        (0 < t.gamma <= 1, "train.gamma must be in (0, 1]"),
+        (t.threads >= 0, "train.threads must not be negative"),
+        (0 < d.val_fraction < 1, "data.val_fraction must be between 0 and 1"),
+        (0 < d.test_fraction < 1, "data.test_fraction must be between 0 and 1"),
+        (d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be below 1"),
+        (d.image_size >= 0, "data.image_size must not be negative (0 = automatic)"),
+        (d.crop_padding >= 0, "data.crop_padding must not be negative"),
+        (d.limit_per_class >= 0, "data.limit_per_class must not be negative"),
+        (d.memory_cap_mb >= 1, "data.memory_cap_mb must be at least 1"),
+        (d.workers >= 0, "data.workers must not be negative"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"config: {message}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=0.05` -> (['train', 'lr'], 0.05); the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: write it as section.key=value, e.g. train.lr=0.01")
+    key, _, value = text.partition("=")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None, sets: list[str] = ()) -> Config:
+    """Read a YAML config, apply nested `overrides` and `--set` strings, validate, return Config.
+
+    Args:
+        path: YAML file or None for the defaults.
+        overrides: nested dict merged over the file (the CLI's flags).
+        sets: `section.key=value` strings applied last.
+    """
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} not found; pass a YAML file or leave it out for the defaults")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {p} must hold a mapping with data/model/train sections")
+    merged = _merge(raw, overrides or {})
+    for s in sets:
+        keys, value = parse_override(s)
+        node = merged
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {s!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return validate(_build(Config, merged, ""))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_to_dict(cfg: Config) -> dict:
+    def plain(x):
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_from_dict(raw: dict) -> Config:
+    return validate(_build(Config, raw, ""))

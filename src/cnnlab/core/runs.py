@@ -1,0 +1,102 @@
+"""Run folders and the files in them, always written atomically.
+
+A run writes only inside `runs/<YYYYmmdd-HHMMSS>-<model>[-<tag>]/`. Every file goes through
+`atomic_write` (temporary file, fsync, rename), so a crash leaves either the old file or the new
+one, never half of one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+from cnnlab.core.errors import UserError
+
+
+def new_run_dir(root: str | Path, model: str, tag: str = "") -> Path:
+    """Create and return a fresh run folder under `root` (never reusing an existing one)."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {root}: {e.strerror}; pass --out a writable folder") from None
+    stem = "-".join(p for p in (time.strftime("%Y%m%d-%H%M%S"), _slug(model), _slug(tag)) if p)
+    for i in range(1000):
+        path = root / (stem if i == 0 else f"{stem}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"too many run folders named {stem} in {root}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "_", text).strip("_")
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` to `path` via a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # JSON has no NaN; null says "not a number" honestly
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def save_json(path: str | Path, obj) -> Path:
+    return atomic_write(path, json.dumps(_json_safe(obj), indent=2) + "\n")
+
+
+def load_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_csv(path: str | Path, header: list[str], rows: Iterable[Iterable]) -> Path:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return atomic_write(path, buf.getvalue())
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def find_run(path: str | Path) -> Path:
+    """Check that `path` is a finished run folder (it has model.json) and return it."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"run folder {p} not found; pass the folder printed as 'run: ...' by cnnlab train")
+    if not (p / "model.json").is_file() or not (p / "model.safetensors").is_file():
+        raise UserError(f"{p} is not a finished run folder (no model.json / model.safetensors)")
+    return p

@@ -1,0 +1,1 @@
+"""Reading image data: sources, the one decoder, splits, the tensor cache, loaders, the audit."""

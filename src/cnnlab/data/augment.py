@@ -1,0 +1,71 @@
+"""Batched augmentation and normalisation: whole batches as tensor ops, never per-sample Python.
+
+Loaders hand uint8 batches (N, 3, H, W) to `to_model_input`, the one place where pixels become
+the model's float input; training adds the random ops in `augment_batch`. Each op draws from the
+run's own torch.Generator, so a seed fixes the augmentation too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def to_model_input(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> normalised float32 in channels_last (faster convolutions on CPU)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return ((x.float() - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Reflect-pad by `pad` then cut each sample at its own random offset (two gathers)."""
+    if pad <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if pad < min(h, w) else "replicate")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w + 2 * pad)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x: torch.Tensor, g: torch.Generator, frac: float = 0.25) -> torch.Tensor:
+    """Zero one random square of side `frac` x image side per sample (zero = the mean pixel)."""
+    n, _, h, w = x.shape
+    size = max(1, int(min(h, w) * frac))
+    cy = torch.randint(0, h, (n,), generator=g)[:, None]
+    cx = torch.randint(0, w, (n,), generator=g)[:, None]
+    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    in_y = (ys >= cy - size // 2) & (ys < cy + (size + 1) // 2)
+    in_x = (xs >= cx - size // 2) & (xs < cx + (size + 1) // 2)
+    hole = in_y[:, :, None] & in_x[:, None, :]
+    return x.masked_fill(hole[:, None], 0.0)
+
+
+def jitter(x: torch.Tensor, g: torch.Generator, strength: float = 0.2) -> torch.Tensor:
+    """Per-sample brightness and contrast jitter on normalised input."""
+    n = x.shape[0]
+    contrast = 1 + (torch.rand(n, generator=g) * 2 - 1) * strength
+    bright = (torch.rand(n, generator=g) * 2 - 1) * strength
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * contrast[:, None, None, None] + mean + bright[:, None, None, None]
+
+
+def augment_batch(x: torch.Tensor, ops: tuple[str, ...], pad: int, g: torch.Generator) -> torch.Tensor:
+    """Apply the configured ops, in a fixed order, to a normalised float batch."""
+    if "crop" in ops:
+        x = random_crop(x, pad, g)
+    if "flip" in ops:
+        x = random_flip(x, g)
+    if "jitter" in ops:
+        x = jitter(x, g)
+    if "cutout" in ops:
+        x = cutout(x, g)
+    return x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,248 @@
+"""Loaders: a decoded uint8 tensor cache in memory, or streaming from files when data is large.
+
+The memory path decodes every image once into `(N, 3, S, S)` uint8, saved in the user cache
+keyed by the files' content hashes and the size, so a second run loads CIFAR-10 in about a
+second. The streaming path decodes per batch in worker processes, for data larger than
+`data.memory_cap_mb`. Both yield the same batches: normalised float32, channels_last, with
+training augmentation applied batch-wise. Files that fail to decode are left out and reported,
+never a crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab.core.errors import UserError
+from cnnlab.data.augment import augment_batch, to_model_input
+from cnnlab.data.decode import DecodeError, load_array
+from cnnlab.data.sources import cache_dir
+from cnnlab.data.splits import Row, Split
+
+CACHE_VERSION = "1"  # bump when decoding or resizing changes, so old caches are not reused
+
+
+def _decode_chunk(args: tuple[str, list[str], int]) -> tuple[np.ndarray, list[str]]:
+    root, paths, size = args
+    out = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
+    errors = []
+    for k, p in enumerate(paths):
+        try:
+            out[k] = load_array(Path(root) / p, size)
+            errors.append("")
+        except DecodeError as e:
+            errors.append(str(e))
+        except OSError as e:
+            errors.append(f"cannot read ({e.strerror})")
+    return out, errors
+
+
+def decode_all(root: Path, paths: list[str], size: int, workers: int) -> tuple[np.ndarray, list[str]]:
+    """Decode `paths` in parallel: (N, 3, size, size) uint8 and one error string per file ('' = ok)."""
+    chunk = max(64, math.ceil(len(paths) / max(1, workers * 8)))
+    jobs = [(str(root), paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_decode_chunk, jobs))
+    else:
+        parts = [_decode_chunk(j) for j in jobs]
+    if not parts:
+        return np.zeros((0, 3, size, size), np.uint8), []
+    return np.concatenate([p[0] for p in parts]), [e for p in parts for e in p[1]]
+
+
+def cached_arrays(root: Path, rows: list[Row], size: int, workers: int, log=print) -> tuple[np.ndarray, list[str]]:
+    """Images for `rows` from the content-keyed cache, decoding (and saving) on a miss."""
+    key = hashlib.sha256(f"v{CACHE_VERSION}|{size}|".encode())
+    for r in sorted(rows, key=lambda r: r.path):
+        key.update(f"{r.path}\t{r.sha256}\n".encode())
+    folder = cache_dir() / "tensors" / key.hexdigest()[:24]
+    order = sorted(range(len(rows)), key=lambda i: rows[i].path)
+    if (folder / "images.npy").is_file():
+        images = np.load(folder / "images.npy", allow_pickle=False)
+        errors = json.loads((folder / "errors.json").read_text())
+    else:
+        log(f"decoding {len(rows):,} images at {size}x{size} into the cache (once) ...")
+        images, errors = decode_all(root, [rows[i].path for i in order], size, workers)
+        tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "images.npy", images)
+        (tmp / "errors.json").write_text(json.dumps(errors))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+    # back from path order to the caller's order
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[np.asarray(order, dtype=np.int64)] = np.arange(len(order))
+    return images[inverse], [errors[i] for i in inverse]
+
+
+class MemoryLoader:
+    """Batches `(x, y, index into paths)` from an in-memory uint8 tensor, seeded per epoch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, *, train=False,
+                 augment=(), pad=4, seed=0, paths=()):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.mean, self.std, self.train, self.augment, self.pad = mean, std, train, augment, pad
+        self.seed, self.epoch, self.paths = seed, 0, list(paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.y)
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            xb = to_model_input(self.x[idx], self.mean, self.std)
+            if self.train and self.augment:
+                xb = augment_batch(xb, self.augment, self.pad, g)
+            yield xb, self.y[idx], idx
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, root: Path, rows: list[Row], class_index: dict, size: int):
+        self.root, self.rows, self.class_index, self.size = root, rows, class_index, size
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        try:
+            return torch.from_numpy(load_array(self.root / r.path, self.size)), self.class_index[r.label], i
+        except (DecodeError, OSError):
+            # label -1 marks a file that failed; the collate step drops it
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, i
+
+
+def _collate(batch):
+    keep = [b for b in batch if b[1] >= 0]
+    if not keep:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return (torch.stack([b[0] for b in keep]), torch.tensor([b[1] for b in keep], dtype=torch.long),
+            torch.tensor([b[2] for b in keep], dtype=torch.long))
+
+
+class StreamLoader:
+    """Decodes files in DataLoader workers per batch; the same batch transforms as MemoryLoader."""
+
+    def __init__(self, root, rows, class_index, size, batch_size, mean, std, *, train=False, augment=(),
+                 pad=4, seed=0, workers=2):
+        self.rows, self.mean, self.std, self.train = rows, mean, std, train
+        self.augment, self.pad, self.seed, self.epoch = augment, pad, seed, 0
+        self.batch_size, self.paths = batch_size, [r.path for r in rows]
+        self.dataset = _FileDataset(root, rows, class_index, size)
+        self.workers = workers
+        self.y = torch.tensor([class_index[r.label] for r in rows], dtype=torch.long)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        dl = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=self.train, generator=g,
+            num_workers=self.workers, collate_fn=_collate, persistent_workers=False,
+        )
+        for xb, yb, idx in dl:
+            if len(yb) == 0:
+                continue
+            xb = to_model_input(xb, self.mean, self.std)
+            if self.train and self.augment:
+                xb = augment_batch(xb, self.augment, self.pad, g)
+            yield xb, yb, idx
+
+
+@dataclass
+class Loaders:
+    train: object
+    val: object
+    test: object
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    kind: str  # memory | stream
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out
+
+
+def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    sample = x[:: max(1, len(x) // 20_000)].double() / 255.0
+    mean = sample.mean(dim=(0, 2, 3))
+    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batch_size: int, *, loader="auto",
+                 memory_cap_mb=4096, augment=(), pad=4, seed=0, workers=2, mean_std=None, log=print) -> Loaders:
+    """Build train/val/test loaders for a split at `size` x `size` pixels.
+
+    Args:
+        mean_std: fixed (mean, std) normalisation, e.g. a pretrained backbone's; None computes
+            it from the training images.
+    """
+    classes = split.classes
+    class_index = {c: k for k, c in enumerate(classes)}
+    need_mb = len(split.rows) * 3 * size * size / 2**20
+    kind = loader if loader != "auto" else ("memory" if need_mb <= memory_cap_mb else "stream")
+    if kind == "memory" and need_mb > memory_cap_mb and loader == "memory":
+        log(f"warning: {need_mb:,.0f} MB of decoded images is over data.memory_cap_mb={memory_cap_mb}")
+    if not split.of("val"):
+        raise UserError("the split has no validation images; use more data or a larger data.val_fraction")
+    if not split.of("test"):
+        raise UserError("the split has no test images; use more data or a larger data.test_fraction")
+    rejected = []
+    if kind == "memory":
+        rows = list(split.rows)
+        images, errors = cached_arrays(root, rows, size, workers, log)
+        rejected = [(r.path, e) for r, e in zip(rows, errors) if e]
+        ok = np.array([not e for e in errors], dtype=bool)
+        x_all = torch.from_numpy(images)
+        parts = {}
+        for s in ("train", "val", "test"):
+            sel = np.array([r.split == s for r in rows]) & ok
+            idx = torch.from_numpy(np.flatnonzero(sel))
+            parts[s] = (x_all[idx], torch.tensor([class_index[rows[i].label] for i in idx.tolist()], dtype=torch.long),
+                        [rows[i].path for i in idx.tolist()])
+        if len(parts["train"][1]) == 0:
+            raise UserError("no training image could be decoded; run `cnnlab audit` on the data")
+        mean, std = mean_std or _mean_std(parts["train"][0])
+
+        def make(s, train):
+            x, y, paths = parts[s]
+            return MemoryLoader(x, y, batch_size if train else eval_batch_size, mean, std, train=train,
+                                augment=augment, pad=pad, seed=seed, paths=paths)
+
+        return Loaders(make("train", True), make("val", False), make("test", False), classes, mean, std, size,
+                       kind, rejected)
+    if mean_std is None:
+        probe_rows = split.of("train")[:: max(1, len(split.of("train")) // 2000)]
+        probe, _ = decode_all(root, [r.path for r in probe_rows], size, workers)
+        mean, std = _mean_std(torch.from_numpy(probe))
+    else:
+        mean, std = mean_std
+
+    def stream(s, train):
+        return StreamLoader(root, split.of(s), class_index, size, batch_size if train else eval_batch_size, mean, std,
+                            train=train, augment=augment, pad=pad, seed=seed, workers=workers)
+
+    return Loaders(stream("train", True), stream("val", False), stream("test", False), classes, mean, std, size, kind)

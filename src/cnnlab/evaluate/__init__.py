@@ -1,0 +1,1 @@
+"""Evaluation: predictions, metrics (scikit-learn), plots and the run report."""

@@ -1,0 +1,49 @@
+"""Metrics from targets and probabilities: plain functions returning numbers (no drawing).
+
+Precision, recall, F1 and the confusion matrix come from scikit-learn; the loss is the mean
+cross-entropy of the given probabilities; calibration error is computed here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == targets
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def cross_entropy(targets: np.ndarray, probs: np.ndarray) -> float:
+    p = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
+    return float(-np.log(p).mean())
+
+
+def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """All test metrics for `summary.json` from integer targets and an (N, K) probability array."""
+    k = len(classes)
+    labels = list(range(k))
+    pred = probs.argmax(1)
+    out = {"n": int(len(targets)), "loss": cross_entropy(targets, probs),
+           "accuracy": float(skm.accuracy_score(targets, pred))}
+    if k > 5:
+        out["top5_accuracy"] = float(skm.top_k_accuracy_score(targets, probs, k=5, labels=labels))
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = skm.precision_recall_fscore_support(targets, pred, labels=labels, average=avg, zero_division=0)
+        out.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+    p, r, f, s = skm.precision_recall_fscore_support(targets, pred, labels=labels, average=None, zero_division=0)
+    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                        for i, c in enumerate(classes)}
+    cm = skm.confusion_matrix(targets, pred, labels=labels)
+    out["confusion_matrix"] = cm.tolist()
+    out["ece"] = expected_calibration_error(targets, probs)
+    return out

@@ -1,0 +1,61 @@
+"""Evaluation figures: training curves and the confusion matrix. Numbers in, figures out."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnnlab.core.figures import pyplot
+
+
+def plot_curves(history: list[dict], title: str = ""):
+    """Loss and accuracy per epoch, train vs validation, side by side."""
+    plt = pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ep = [int(r["epoch"]) for r in history]
+    for ax, key, label in ((a1, "loss", "loss"), (a2, "accuracy", "accuracy")):
+        ax.plot(ep, [float(r[f"train_{key}"]) for r in history], "o-", ms=3, label="train")
+        ax.plot(ep, [float(r[f"val_{key}"]) for r in history], "o-", ms=3, label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: bool = False, ax=None, title: str = ""):
+    """Counts (or row-normalised rates) with class names; returns the figure."""
+    plt = pyplot()
+    cm = np.asarray(cm, dtype=float)
+    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
+    if ax is None:
+        side = max(4.0, 0.55 * len(classes) + 2)
+        _, ax = plt.subplots(figsize=(side, side * 0.9))
+    im = ax.imshow(shown, cmap="Blues", vmin=0)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046)
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, classes, rotation=45, ha="right")
+    ax.set_yticks(ticks, classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix (counts)"))
+    if len(classes) <= 20:
+        top = shown.max() or 1
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                text = f"{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="white" if shown[i, j] > top / 2 else "black")
+    return ax.figure
+
+
+def plot_confusion_pair(cm: np.ndarray, classes: list[str]):
+    plt = pyplot()
+    side = max(4.0, 0.55 * len(classes) + 2)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(2 * side + 1, side * 0.9))
+    plot_confusion_matrix(cm, classes, False, a1)
+    plot_confusion_matrix(cm, classes, True, a2)
+    fig.tight_layout()
+    return fig

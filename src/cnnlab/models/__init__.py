@@ -1,0 +1,6 @@
+"""Models: the registry and the networks in it. Importing the modules below registers them."""
+
+from cnnlab.models import simple_cnn  # noqa: F401  (registers the custom CNNs and presets)
+from cnnlab.models.registry import create_model, get_entry, list_models, register_model
+
+__all__ = ["create_model", "get_entry", "list_models", "register_model"]

@@ -1,0 +1,56 @@
+"""The one model registry: `@register_model` fills a dict, `create_model` is the only builder.
+
+Entries are plain functions `fn(num_classes, image_size, **kwargs) -> nn.Module`, registered by
+the explicit imports in `models/__init__.py`. A duplicate name is a bug and raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from cnnlab.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    fn: Callable[..., nn.Module]
+    default_size: int  # input side in pixels the model was designed for
+    description: str
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(default_size: int, description: str):
+    def wrap(fn):
+        name = fn.__name__
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = ModelEntry(name, fn, default_size, description)
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_entry(name: str) -> ModelEntry:
+    if name not in _MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())} (see `cnnlab models`)")
+    return _MODELS[name]
+
+
+def create_model(name: str, num_classes: int, image_size: int | None = None, **kwargs) -> nn.Module:
+    """Build a registered model for `num_classes` classes at `image_size` pixels (default: its own)."""
+    entry = get_entry(name)
+    if num_classes < 2:
+        raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+    model = entry.fn(num_classes=num_classes, image_size=image_size or entry.default_size, **kwargs)
+    model.model_name = name
+    return model

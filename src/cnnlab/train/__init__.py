@@ -1,0 +1,1 @@
+"""Training: optimizers and schedules, and the fit loop (early stopping, divergence checks)."""

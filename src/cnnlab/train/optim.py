@@ -1,0 +1,47 @@
+"""Optimizers and per-step learning-rate schedules, chosen by name from the config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cnnlab.core.config import TrainConfig
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer}")  # config validation already names the choices
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Multiplier on cfg.lr at optimizer step `step` (0-based): warm-up, then the schedule."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        warm = warm or max(1, int(0.25 * total))  # one-cycle always rises first
+    if step < warm:
+        return 0.01 + 0.99 * step / warm
+    epoch = step / steps_per_epoch
+    progress = (step - warm) / max(1, total - warm)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.gamma ** int(epoch // cfg.step_epochs)
+    if cfg.schedule == "exponential":
+        return cfg.gamma ** epoch
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.schedule == "onecycle":
+        return max(0.0, 1.0 - progress)  # linear down to zero after the peak
+    raise ValueError(f"unknown schedule {cfg.schedule}")
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
