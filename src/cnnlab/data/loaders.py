@@ -158,11 +158,12 @@ class StreamLoader:
         return math.ceil(len(self.rows) / self.batch_size)
 
     def __iter__(self):
+        # the same order and random stream as MemoryLoader, so both loaders train identically
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        dl = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.train, generator=g,
-            num_workers=self.workers, collate_fn=_collate, persistent_workers=False,
-        )
+        n = len(self.rows)
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=order.tolist(),
+                                         num_workers=self.workers, collate_fn=_collate)
         for xb, yb, idx in dl:
             if len(yb) == 0:
                 continue

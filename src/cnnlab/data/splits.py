@@ -8,6 +8,7 @@ and reusable with `--split FILE`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections import defaultdict
@@ -79,23 +80,31 @@ def make_split(scan: Scan, *, val_fraction: float = 0.1, test_fraction: float = 
             train/ and test/ without val/).
         test_fraction: share of each class for test when the data has no split of its own.
         seed: shuffles the assignment.
-        limit_per_class: keep at most this many images per class and split (0 = all).
+        limit_per_class: keep at most this many images per class and shipped split (0 = all),
+            chosen before hashing so a quick run on a large folder stays quick.
     """
     rng = random.Random(seed)
+    if limit_per_class:
+        scan = dataclasses.replace(scan, items=tuple(_limit(list(scan.items), limit_per_class, rng)))
     hashes = {i.path: sha256_file(scan.root / i.path) for i in scan.items}
     first_label: dict[str, str] = {}
     for i in scan.items:
         first_label.setdefault(hashes[i.path], i.label)
     dropped: list[str] = []
     if scan.has_split:
+        shipped = {i.split for i in scan.items}
+        # train/ + val/ without test/ (hymenoptera's layout): the shipped val becomes the test
+        # split and validation is carved from train, so model selection never sees the test.
+        rename = {"val": "test"} if "test" not in shipped and "val" in shipped else {}
+        split_of = {i.path: rename.get(i.split, i.split) for i in scan.items}
         fixed = {}  # hash -> split, for images the data itself put in val/test
         for i in scan.items:
-            if i.split in ("val", "test"):
-                fixed.setdefault(hashes[i.path], i.split)
-        train_items = [i for i in scan.items if i.split == "train"]
+            if split_of[i.path] in ("val", "test"):
+                fixed.setdefault(hashes[i.path], split_of[i.path])
+        train_items = [i for i in scan.items if split_of[i.path] == "train"]
         dropped = [i.path for i in train_items if hashes[i.path] in fixed]
         assign = dict(fixed)
-        if not any(i.split == "val" for i in scan.items):
+        if "val" not in set(split_of.values()):
             by_class = defaultdict(set)
             for i in train_items:
                 if hashes[i.path] not in fixed:
@@ -112,21 +121,20 @@ def make_split(scan: Scan, *, val_fraction: float = 0.1, test_fraction: float = 
             by_class[first_label[hashes[i.path]]].add(hashes[i.path])
         assign = _carve({k: list(v) for k, v in by_class.items()}, {"test": test_fraction, "val": val_fraction}, rng)
         rows = [Row(i.path, i.label, assign[hashes[i.path]], hashes[i.path]) for i in scan.items]
-    if limit_per_class:
-        rows = _limit(rows, limit_per_class, rng)
     return Split(tuple(rows), scan.classes, tuple(dropped))
 
 
-def _limit(rows: list[Row], n: int, rng: random.Random) -> list[Row]:
+def _limit(items: list, n: int, rng: random.Random) -> list:
+    """At most `n` items per (shipped split, class), chosen at random but reproducibly."""
     buckets = defaultdict(list)
-    for r in rows:
+    for r in items:
         buckets[(r.split, r.label)].append(r)
     keep = set()
     for key in sorted(buckets):
         chosen = list(buckets[key])
         rng.shuffle(chosen)
         keep.update(r.path for r in chosen[:n])
-    return [r for r in rows if r.path in keep]
+    return [r for r in items if r.path in keep]
 
 
 def save_split(split: Split, path: Path) -> Path:

@@ -49,6 +49,8 @@ def _parse(spec: Any, where: str) -> tuple[str, dict]:
         kind, args = spec, {}
     elif isinstance(spec, dict) and len(spec) == 1:
         kind, args = next(iter(spec.items()))
+        if kind not in LAYER_TYPES:
+            raise UserError(f"{where}: unknown layer {kind!r}; valid layers: {', '.join(LAYER_TYPES)}")
         if args is None:
             args = {}
         elif not isinstance(args, dict):

@@ -1,0 +1,44 @@
+"""Write one benchmark's section of benchmarks/RESULTS.md, keeping the other sections.
+
+Each section is delimited by HTML comments naming the benchmark, and always records the command,
+the machine and the date beside the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = "# Benchmark results\n\nEach section is written by the benchmark named in it; rerun its command to refresh it.\n"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    return f"{cpu}, {os.cpu_count()} cores ({isa}), {platform.system()}, Python {platform.python_version()}"
+
+
+def update_section(name: str, body: str) -> None:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    block = (f"{start}\n## {name}\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
+             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{body.strip()}\n{end}")
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda m: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)

@@ -1,0 +1,236 @@
+"""The Python API: the same verbs as the CLI (`audit`, `train`, `evaluate`, `predict`, `summary`).
+
+Data flows one way: config -> resolve and scan the data -> split -> model -> run folder ->
+loaders -> fit -> evaluate on the test split -> summary.json and report. Every user mistake is
+raised as `UserError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab.core.config import Config, config_to_dict, dump_config
+from cnnlab.core.env import env_info, pick_device, resolve_precision, seed_everything, set_threads
+from cnnlab.core.errors import UserError
+from cnnlab.core.runs import atomic_write, find_run, load_json, new_run_dir, save_json, write_csv
+from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write_audit
+from cnnlab.data.decode import DecodeError
+from cnnlab.data.loaders import make_loaders
+from cnnlab.data.sources import default_data, require_trainable, resolve_data, scan_folder
+from cnnlab.data.splits import Split, load_split, make_split, manifest_hash, save_split
+from cnnlab.evaluate.evaluation import write_evaluation
+from cnnlab.evaluate.plots import plot_curves
+from cnnlab.evaluate.predict import Predictor, predict_loader
+from cnnlab.evaluate.run_report import write_run_report
+from cnnlab.models import create_model, get_entry
+from cnnlab.models.checkpoint import load_model, save_model
+from cnnlab.models.summary import format_summary, summarize
+from cnnlab.train.loop import HISTORY_COLUMNS, fit
+
+DEFAULT_MODEL = "cnn_small"
+
+
+def audit(data: str, out: str | Path = "audit.json", workers: int = 2, log=print) -> AuditReport:
+    """Decode every image of `data`, print the summary, write `out` plus two figures beside it."""
+    root, line = resolve_data(data)
+    log(line)
+    scan = scan_folder(root)
+    if not scan.items:
+        raise UserError(f"no images found in {root}; expected class subfolders of images (or train/ and test/ folders)")
+    report = _audit(scan, workers=workers)
+    log(format_report(report))
+    for p in write_audit(report, scan, Path(out)):
+        log(f"wrote {p}")
+    return report
+
+
+def summary(name: str, image_size: int = 0, num_classes: int = 10) -> str:
+    entry = get_entry(name)
+    size = image_size or entry.default_size
+    return format_summary(name, summarize(create_model(name, num_classes, size), size), size)
+
+
+def _class_weights(split: Split) -> torch.Tensor:
+    counts = np.array([sum(1 for r in split.of("train") if r.label == c) for c in split.classes], dtype=float)
+    return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def train(cfg: Config, progress: bool = True, log=print) -> Path:
+    """Train and evaluate one model as `cfg` says; return its run folder.
+
+    Args:
+        cfg: a validated Config (see core/config.py).
+        progress: show a per-epoch progress bar on a terminal.
+        log: where progress lines go (also written to the run's log.txt).
+    """
+    data = cfg.data.path
+    if not data:
+        data, line = default_data()
+    else:
+        line = None
+    root, resolved_line = resolve_data(data)
+    log(line or resolved_line)
+    scan = require_trainable(scan_folder(root))
+    for w in scan.warnings:
+        log(f"warning: {w}")
+    split = (load_split(cfg.data.split_file, scan) if cfg.data.split_file else
+             make_split(scan, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+                        seed=cfg.data.split_seed, limit_per_class=cfg.data.limit_per_class))
+    if split.dropped:
+        log(f"leakage: left out {len(split.dropped)} training files whose bytes also appear in val/test")
+    name = cfg.model.name or DEFAULT_MODEL
+    entry = get_entry(name)
+    size = cfg.data.image_size or entry.default_size
+    model_args = {"layers": list(cfg.model.layers)} if name == "custom" else {}
+    if cfg.model.layers and name != "custom":
+        raise UserError(f"model.layers is only read by model 'custom', not {name!r}; set model.name: custom")
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    model = create_model(name, len(split.classes), size, **model_args)  # shape errors surface here
+    model_text = format_summary(name, summarize(model, size), size)
+
+    device = pick_device()
+    threads = set_threads(cfg.train.threads)
+    precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.precision == "auto" and precision == "fp32" and device.type == "cpu":
+        log("precision: fp32 (this CPU has no native bf16; set train.precision=bf16 to force it)")
+    resolved = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, path=str(root), image_size=size),
+        model=dataclasses.replace(cfg.model, name=name))
+    run_dir = new_run_dir(cfg.out, name, cfg.tag)
+    log_file = open(run_dir / "log.txt", "a", buffering=1)
+
+    def tee(msg: str) -> None:
+        log(msg)
+        log_file.write(msg + "\n")
+
+    try:
+        tee(f"run folder {run_dir}")
+        atomic_write(run_dir / "config.yaml", dump_config(resolved))
+        save_split(split, run_dir / "split.csv")
+        save_json(run_dir / "env.json", env_info(device))
+        atomic_write(run_dir / "model_summary.txt", model_text)
+        loaders = make_loaders(root, split, size, cfg.train.batch_size, cfg.train.eval_batch_size,
+                               loader=cfg.data.loader, memory_cap_mb=cfg.data.memory_cap_mb, augment=cfg.data.augment,
+                               pad=cfg.data.crop_padding, seed=cfg.train.seed, workers=cfg.data.workers, log=tee)
+        if loaders.rejected:
+            tee(f"left out {len(loaders.rejected)} files that do not decode (see rejected.csv)")
+            write_csv(run_dir / "rejected.csv", ["path", "reason"], loaders.rejected)
+        _plot_distribution(split, run_dir)
+        tee(f"{len(split.of('train')):,} train / {len(split.of('val')):,} val / {len(split.of('test')):,} test images, "
+            f"{len(split.classes)} classes, {size}x{size} px, {loaders.kind} loader, {precision}, {threads} threads")
+        meta = {"model_name": name, "model_args": model_args, "classes": list(split.classes), "image_size": size,
+                "mean": list(loaders.mean), "std": list(loaders.std),
+                "preprocessing": "decode (EXIF, RGB) -> shorter side to image_size, centre crop -> (x/255-mean)/std",
+                "split_sha256": manifest_hash(split)}
+        result = fit(model, loaders, cfg.train, run_dir, device=device, precision=precision,
+                     class_weights=_class_weights(split) if cfg.train.class_weights == "balanced" else None,
+                     log=tee, progress=progress)
+        if not result.history:
+            write_csv(run_dir / "history.csv", HISTORY_COLUMNS, [])
+        summary = {"status": result.status, "message": result.message,
+                   "model": {"name": name, "params_total": sum(p.numel() for p in model.parameters()),
+                             "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+                   "classes": list(split.classes), "best_epoch": result.best_epoch, "precision": precision,
+                   "data": {"root": str(root), "image_size": size, "split_sha256": meta["split_sha256"],
+                            "counts": split.counts(), "rejected": len(loaders.rejected)},
+                   "train": config_to_dict(cfg)["train"],
+                   "time": {"train_seconds": result.train_seconds,
+                            "epoch_seconds": [r["seconds"] for r in result.history]}}
+        if result.history:
+            save_figure_curves(result.history, run_dir, name)
+        if result.best_epoch:
+            save_model(model, run_dir, meta)
+            preds = predict_loader(model, loaders.test, split.classes, device)
+            summary["test"] = write_evaluation(preds, root, run_dir)
+            best = result.history[result.best_epoch - 1]
+            majority = max(np.bincount(loaders.val.y.numpy(), minlength=len(split.classes))) / max(1, len(loaders.val.y))
+            if result.status in ("completed", "early_stopped") and best["val_accuracy"] <= majority + 0.01:
+                summary["status"] = "failed_to_learn"
+                summary["message"] = (f"best validation accuracy {best['val_accuracy']:.4f} is no better than always "
+                                      f"predicting the largest class ({majority:.4f}); not a result: try another "
+                                      "learning rate")
+            tee(f"test accuracy {summary['test']['accuracy']:.4f}  macro F1 {summary['test']['f1_macro']:.4f}  "
+                f"loss {summary['test']['loss']:.4f}  (best epoch {result.best_epoch})")
+        save_json(run_dir / "summary.json", summary)
+        write_run_report(run_dir)
+        tee(f"status: {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""))
+    finally:
+        log_file.close()
+    return run_dir
+
+
+def save_figure_curves(history, run_dir: Path, name: str) -> None:
+    from cnnlab.core.figures import save_figure
+
+    save_figure(plot_curves(history, title=name), run_dir / "curves.png")
+
+
+def _plot_distribution(split: Split, run_dir: Path) -> None:
+    from cnnlab.core.figures import plot_class_counts, save_figure
+
+    save_figure(plot_class_counts(split.counts()), run_dir / "class_distribution.png")
+
+
+def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
+    """Evaluate a trained run on its own test split, or on all images of `data`.
+
+    Writes into `RUN/evaluations/<timestamp>/` and returns that folder.
+    """
+    run_dir = find_run(run)
+    cfg_raw = load_json(run_dir / "summary.json")
+    model, meta = load_model(run_dir)
+    classes = tuple(meta["classes"])
+    if data:
+        root, line = resolve_data(data)
+        scan = scan_folder(root)
+        unknown = sorted(set(scan.classes) - set(classes))
+        if unknown:
+            raise UserError(f"{root} has classes the model does not know: {', '.join(unknown)}")
+        if not scan.items:
+            raise UserError(f"no images found in {root}")
+        items = [i for i in scan.items if i.split == "test"] or list(scan.items)
+        from cnnlab.data.splits import Row
+
+        split = Split(tuple(Row(i.path, i.label, "test", "") for i in items), classes)
+    else:
+        root, line = Path(cfg_raw["data"]["root"]), f"data: the run's test split in {cfg_raw['data']['root']}"
+        scan = scan_folder(root)
+        split = load_split(run_dir / "split.csv", scan)
+        split = Split(tuple(r for r in split.rows if r.split == "test"), classes)
+    log(line)
+    from cnnlab.data.loaders import StreamLoader
+
+    test = StreamLoader(root, list(split.rows), {c: k for k, c in enumerate(classes)}, meta["image_size"], 256,
+                        meta["mean"], meta["std"], workers=0)
+    out = run_dir / "evaluations" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = write_evaluation(predict_loader(model, test, classes), root, out)
+    save_json(out / "metrics.json", metrics)
+    log(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  loss {metrics['loss']:.4f}  "
+        f"on {metrics['n']:,} images")
+    return out
+
+
+def predict(run: str | Path, images: list[str]) -> list[dict]:
+    """Class probabilities for each image file: [{path, prediction, probabilities}] or {path, error}."""
+    predictor = Predictor.from_run(run)
+    out = []
+    for path in images:
+        p = Path(path)
+        if not p.is_file():
+            out.append({"path": str(path), "error": "file not found"})
+            continue
+        try:
+            probs = predictor.predict_proba([p])[0]
+        except DecodeError as e:
+            out.append({"path": str(path), "error": f"not a usable image: {e}"})
+            continue
+        order = np.argsort(-probs)
+        out.append({"path": str(path), "prediction": predictor.classes_[order[0]],
+                    "probabilities": {predictor.classes_[i]: round(float(probs[i]), 6) for i in order}})
+    return out

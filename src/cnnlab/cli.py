@@ -1,0 +1,121 @@
+"""The `cnnlab` command: argparse subcommands, each a thin call into `cnnlab.api`.
+
+A user's mistake (`UserError`) prints one line on stderr and exits 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cnnlab.core.errors import UserError
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train and evaluate a model; prints 'run: <folder>' last")
+    p.add_argument("config", nargs="?", help="YAML config (sections data, model, train)")
+    p.add_argument("--data", help="image folder, .zip/.tar(.gz) archive, or cifar10 / digits")
+    p.add_argument("--model", help="registry name (see `cnnlab models`)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", help="adam | adamw | sgd")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the model's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels")
+    p.add_argument("--precision", help="auto | fp32 | bf16")
+    p.add_argument("--split", help="reuse a split.csv from an earlier run")
+    p.add_argument("--out", help="root folder for run folders (default runs/)")
+    p.add_argument("--tag", help="suffix for the run folder's name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=0.01")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnlab", description="Image classification with CNNs, one command per step.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("audit", help="decode every image of a dataset and report what is in it")
+    p.add_argument("data", help="image folder, archive, or cifar10 / digits")
+    p.add_argument("--out", default="audit.json", help="JSON file to write (figures go beside it)")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    _train_parser(sub)
+    p = sub.add_parser("evaluate", help="evaluate a trained run on its test split or on other data")
+    p.add_argument("run")
+    p.add_argument("--data", help="evaluate on this data instead of the run's test split")
+    p = sub.add_parser("predict", help="classify image files with a trained run; prints JSON")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+")
+    sub.add_parser("models", help="list the registered models")
+    p = sub.add_parser("summary", help="per-layer table of a model with parameter counts")
+    p.add_argument("model")
+    p.add_argument("--image-size", type=int, default=0)
+    p.add_argument("--num-classes", type=int, default=10)
+    return parser
+
+
+def _train_overrides(a) -> dict:
+    flat = {("data", "path"): a.data, ("model", "name"): a.model, ("train", "epochs"): a.epochs,
+            ("train", "lr"): a.lr, ("train", "batch_size"): a.batch_size, ("train", "optimizer"): a.optimizer,
+            ("data", "image_size"): a.image_size, ("train", "seed"): a.seed,
+            ("train", "deterministic"): a.deterministic, ("train", "precision"): a.precision,
+            ("data", "split_file"): a.split, ("out",): a.out, ("tag",): a.tag}
+    out: dict = {}
+    for keys, value in flat.items():
+        if value is None:
+            continue
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return out
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from cnnlab import api
+
+    if args.command == "audit":
+        api.audit(args.data, args.out, workers=args.workers)
+    elif args.command == "train":
+        from cnnlab.core.config import load_config
+
+        cfg = load_config(args.config, _train_overrides(args), args.set)
+        folder = api.train(cfg, progress=not args.no_progress)
+        print(f"report: {folder / 'report.html'}")
+        print(f"run: {folder}")
+    elif args.command == "evaluate":
+        out = api.evaluate(args.run, args.data)
+        print(f"evaluation: {out}")
+    elif args.command == "predict":
+        results = api.predict(args.run, args.images)
+        print(json.dumps(results, indent=2))
+        bad = [r for r in results if "error" in r]
+        if bad:
+            print(f"cnnlab: error: {len(bad)} of {len(results)} images could not be classified "
+                  f"({bad[0]['path']}: {bad[0]['error']})", file=sys.stderr)
+            return 2
+    elif args.command == "models":
+        from cnnlab.models import get_entry, list_models
+
+        for name in list_models():
+            e = get_entry(name)
+            print(f"{name:<16} {e.default_size:>4}px  {e.description}")
+    elif args.command == "summary":
+        print(api.summary(args.model, args.image_size, args.num_classes))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"cnnlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cnnlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

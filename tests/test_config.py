@@ -1,0 +1,46 @@
+"""Config: typed, validated once, unknown keys and bad values named."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnnlab.core.config import Config, dump_config, load_config
+from cnnlab.core.errors import UserError
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {path: somewhere, augment: [flip]}\ntrain: {lr: 0.01, epochs: 3}\n")
+    cfg = load_config(f, {"train": {"epochs": 5}}, ["train.lr=0.05", "model.name=report000_cnn", "train.nesterov=true"])
+    assert cfg.train.lr == 0.05 and cfg.train.epochs == 5 and cfg.data.augment == ("flip",)
+    assert cfg.model.name == "report000_cnn" and cfg.train.nesterov is True
+    assert load_config(None) == Config()
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["train.lrr=0.1"], "unknown key 'train.lrr'"),
+    (["train.epochs=ten"], "train.epochs must be a whole number"),
+    (["train.optimizer=adagrad"], "choose one of adam, adamw, sgd"),
+    (["train.lr=-1"], "train.lr must be above 0"),
+    (["data.augment=[rotate]"], "choose from crop"),
+    (["nosection"], "section.key=value"),
+    (["data.val_fraction=0.9"], "must be below 1"),
+])
+def test_bad_values_are_named(sets, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, None, sets)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(bad)

@@ -1,0 +1,81 @@
+"""Models: every registered network trains a step; presets match the reports' tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cnnlab.cli import main
+from cnnlab.core.errors import UserError
+from cnnlab.models import create_model, get_entry, list_models
+from cnnlab.models.summary import summarize
+
+TINY_LAYERS = [{"conv": 8}, "bn", "relu", "maxpool", "flatten", {"dense": 16}, "relu", {"dropout": 0.1}]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_backward_no_nan(name):
+    kwargs = {"layers": TINY_LAYERS} if name == "custom" else {}
+    size = min(get_entry(name).default_size, 64)
+    model = create_model(name, 7, size, **kwargs)
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.reset_head(3)
+    assert model(x).shape == (2, 3) and model.num_classes == 3
+
+
+@pytest.mark.parametrize("name,classes,size,learnable,keras_total", [
+    ("report000_cnn", 10, 32, 390_634, None),  # report 000's own sum
+    ("report004_deep", 10, 32, 5_770_986, 5_772_970),  # report 004's table total (Keras counts BN statistics)
+    ("report004_vgg", 10, 32, 28_334_410, 28_340_298),  # its table repeats a conv count on one BN row
+    ("report001_cnn", 9, 256, 33_582_985, None),
+    ("report003_cnn", 10, 32, 1_147_914, None),
+])
+def test_preset_parameter_counts(name, classes, size, learnable, keras_total):
+    s = summarize(create_model(name, classes, size), size)
+    assert s.params_total == learnable
+    if keras_total:
+        assert s.keras_total == keras_total
+
+
+def test_report004_deep_rows_match_the_table():
+    rows = summarize(create_model("report004_deep", 10, 32), 32).rows
+    convs = [r.params for r in rows if r.kind == "Conv2d"]
+    assert convs == [2432, 9248, 18496, 36928, 73856, 147584, 295168, 590080, 1180160, 2359808]
+    assert [r.params for r in rows if r.kind == "Linear"] == [525312, 524800, 5130]
+
+
+def test_summary_cli_prints_table_and_totals(capsys):
+    assert main(["summary", "report000_cnn"]) == 0
+    out = capsys.readouterr().out
+    assert "total params: 390,634" in out and "[128, 4, 4]" in out and "trainable params: 390,634" in out
+
+
+@pytest.mark.parametrize("layers,message", [
+    ([{"convv": 3}, "flatten"], "unknown layer 'convv'"),
+    ([{"conv": 8}, {"dense": 10}, "flatten"], "dense layers need flat input"),
+    ([{"conv": 8}, "flatten", {"dense": {"units": 4, "in": 999}}], "expects 999 inputs but receives"),
+    ([{"conv": 8}, "maxpool", "maxpool", "maxpool", "maxpool", "maxpool", "maxpool", "flatten"], "does not fit"),
+    ([{"conv": {"filters": 8, "kernel": 4}}, "flatten"], "odd kernel"),
+    ([{"conv": {"filters": 8, "dilation": 2}}, "flatten"], "no setting dilation"),
+    ([{"conv": 8}], "needs a 'flatten' or 'gap'"),
+    ([{"conv": -3}, "flatten"], "filters must be"),
+    (["flatten", {"conv": 8}], "convolution after flatten"),
+])
+def test_bad_layer_lists_are_named_before_training(layers, message):
+    with pytest.raises(UserError, match=message):
+        create_model("custom", 10, 32, layers=layers)
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(UserError, match="report000_cnn"):
+        create_model("resnet9000", 10)
+
+
+def test_image_too_small_for_preset():
+    with pytest.raises(UserError, match="image size 8"):
+        create_model("report004_vgg", 10, 8)

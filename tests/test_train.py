@@ -1,0 +1,167 @@
+"""The real pipeline on a few hundred real CIFAR-10 images: one command, one complete run folder."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hostile import write
+from PIL import Image, PngImagePlugin
+from safetensors.numpy import load_file
+from sklearn import metrics as skm
+
+from cnnlab.cli import main
+from cnnlab.core.config import load_config
+
+RUN_FILES = ["config.yaml", "env.json", "log.txt", "split.csv", "history.csv", "model.safetensors", "model.json",
+             "summary.json", "predictions.csv", "curves.png", "confusion_matrix.png", "misclassified.png",
+             "class_distribution.png", "report.html", "report.md"]
+
+
+def train_cli(capsys, *args) -> Path:
+    code = main(["train", *args, "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("run: ")
+    return Path(last[len("run: "):])
+
+
+@pytest.fixture(scope="module")
+def run(cifar_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    code = main(["train", "--data", str(cifar_root), "--model", "report000_cnn", "--epochs", "2", "--lr", "2e-3",
+                 "--batch-size", "32", "--out", str(out), "--set", "data.limit_per_class=40", "--no-progress"])
+    assert code == 0
+    (folder,) = list(out.iterdir())
+    return folder
+
+
+def test_run_folder_is_complete(run):
+    for name in RUN_FILES:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] in ("completed", "failed_to_learn")
+    assert s["model"]["name"] == "report000_cnn" and s["model"]["params_total"] == 390_634
+    assert s["model"]["params_trainable"] == 390_634
+    for k in ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
+              "recall_weighted", "f1_weighted", "top5_accuracy", "ece", "images_per_second"):
+        assert k in s["test"], k
+    assert s["time"]["train_seconds"] > 0 and s["best_epoch"] in (1, 2)
+    assert len(s["classes"]) == 10
+    history = list(csv.DictReader(open(run / "history.csv")))
+    assert len(history) == 2 and all(float(r["seconds"]) > 0 for r in history)
+    split = list(csv.DictReader(open(run / "split.csv")))
+    assert set(split[0]) >= {"path", "class", "split"}
+    assert {r["split"] for r in split} == {"train", "val", "test"}
+    assert sum(r["split"] == "test" for r in split) == 400
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "src='http" not in html
+    cfg = load_config(run / "config.yaml")  # the resolved config loads back as a config
+    assert cfg.model.name == "report000_cnn" and cfg.data.image_size == 32
+
+
+def test_summary_metrics_recomputed_from_predictions(run):
+    s = json.loads((run / "summary.json").read_text())
+    rows = list(csv.DictReader(open(run / "predictions.csv")))
+    classes = s["classes"]
+    assert list(rows[0]) == ["path", "target", "prediction"] + [f"prob_{c}" for c in classes]
+    y = np.array([classes.index(r["target"]) for r in rows])
+    p = np.array([classes.index(r["prediction"]) for r in rows])
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    assert np.allclose(probs.sum(1), 1, atol=1e-5) and (probs.argmax(1) == p).all()
+    t = s["test"]
+    assert t["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+    for avg in ("macro", "weighted"):
+        assert t[f"precision_{avg}"] == pytest.approx(skm.precision_score(y, p, average=avg, zero_division=0))
+        assert t[f"recall_{avg}"] == pytest.approx(skm.recall_score(y, p, average=avg, zero_division=0))
+        assert t[f"f1_{avg}"] == pytest.approx(skm.f1_score(y, p, average=avg, zero_division=0))
+    assert t["loss"] == pytest.approx(skm.log_loss(y, probs, labels=list(range(10))), rel=1e-4)
+    assert t["top5_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, probs, k=5, labels=list(range(10))))
+    assert t["confusion_matrix"] == skm.confusion_matrix(y, p).tolist()
+
+
+def test_predict_matches_evaluation(run, cifar_root, capsys):
+    rows = list(csv.DictReader(open(run / "predictions.csv")))[:5]
+    paths = [str(cifar_root / r["path"]) for r in rows]
+    assert main(["predict", str(run), *paths]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for r, o in zip(rows, out):
+        assert o["prediction"] == r["prediction"]
+        assert len(o["probabilities"]) == 10
+        for c, v in o["probabilities"].items():
+            assert v == pytest.approx(float(r[f"prob_{c}"]), abs=1e-5)
+
+
+def test_predict_bad_file_is_reported(run, tmp_path, capsys):
+    bad = write(tmp_path / "bad.jpg", b"not really a jpeg")
+    assert main(["predict", str(run), str(bad), str(tmp_path / "missing.png")]) == 2
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "not a usable image" in out[0]["error"] and out[1]["error"] == "file not found"
+    assert "cnnlab: error:" in captured.err and "Traceback" not in captured.err
+
+
+def test_evaluate_reproduces_test_metrics(run, capsys):
+    assert main(["evaluate", str(run)]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1])
+    m = json.loads((folder / "metrics.json").read_text())
+    s = json.loads((run / "summary.json").read_text())
+    assert m["accuracy"] == pytest.approx(s["test"]["accuracy"])
+    assert m["loss"] == pytest.approx(s["test"]["loss"], rel=1e-5)
+    assert folder.parent.parent == run  # written inside the run folder
+
+
+def test_same_seed_same_weights_and_stream_loader(cifar_root, tmp_path, capsys):
+    args = ["--data", str(cifar_root), "--model", "cnn_small", "--epochs", "1", "--batch-size", "32",
+            "--out", str(tmp_path), "--seed", "3", "--deterministic", "--set", "data.limit_per_class=12"]
+    a = train_cli(capsys, *args, "--tag", "a")
+    b = train_cli(capsys, *args, "--tag", "b", "--set", "data.loader=stream", "--set", "data.workers=0")
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert np.allclose(wa[k], wb[k], atol=1e-5), k  # same data order and augmentation from either loader
+    assert (a / "split.csv").read_text() == (b / "split.csv").read_text()
+
+
+def test_divergence_is_caught_and_no_nan_saved(cifar_root, tmp_path, capsys):
+    run = train_cli(capsys, "--data", str(cifar_root), "--model", "cnn_small", "--epochs", "3", "--optimizer", "sgd",
+                    "--lr", "1e30", "--out", str(tmp_path), "--set", "data.limit_per_class=10")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "diverged" and "learning rate" in s["message"]
+    if (run / "model.safetensors").exists():
+        assert all(np.isfinite(v).all() for v in load_file(str(run / "model.safetensors")).values())
+
+
+def test_no_better_than_chance_is_flagged(tmp_path, capsys):
+    # every image decodes to the same pixels (only a PNG text chunk differs), so no model can tell classes apart
+    img = Image.new("RGB", (16, 16), (120, 60, 30))
+    for c in ("a", "b"):
+        for i in range(15):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("id", f"{c}{i}")
+            buf = io.BytesIO()
+            img.save(buf, "PNG", pnginfo=info)
+            write(tmp_path / "data" / c / f"{i}.png", buf.getvalue())
+    run = train_cli(capsys, "--data", str(tmp_path / "data"), "--model", "cnn_small", "--epochs", "2",
+                    "--image-size", "16", "--out", str(tmp_path / "runs"), "--set", "data.augment=[]")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "failed_to_learn" and "not a result" in s["message"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),
+    (["--model", "report004_vgg", "--image-size", "8"], "image size 8"),
+    (["--model", "custom", "--set", "model.layers=[{conv: 8}, {dense: 4}, flatten]"], "need flat input"),
+])
+def test_bad_training_input_fails_before_any_run_folder(cifar_root, tmp_path, capsys, args, message):
+    code = main(["train", "--data", str(cifar_root), "--out", str(tmp_path / "runs"), "--set",
+                 "data.limit_per_class=5", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
