@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab.core.config import Config, config_to_dict, dump_config
-from cnnlab.core.env import env_info, pick_device, resolve_precision, seed_everything, set_threads
+from torch.nn.parallel import DistributedDataParallel
+
+from cnnlab.core.config import Config, config_to_dict, dump_config, load_config
+from cnnlab.core.env import env_info, resolve_precision, seed_everything, set_threads
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import atomic_write, find_run, load_json, new_run_dir, save_json, write_csv
 from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write_audit
 from cnnlab.data.decode import DecodeError
-from cnnlab.data.loaders import make_loaders
+from cnnlab.data.loaders import FileSource, Loader, make_loaders
 from cnnlab.data.sources import default_data, require_trainable, resolve_data, scan_folder
 from cnnlab.data.splits import Split, load_split, make_split, manifest_hash, save_split
 from cnnlab.evaluate.evaluation import write_evaluation
@@ -30,6 +32,8 @@ from cnnlab.evaluate.run_report import write_run_report
 from cnnlab.models import create_model, get_entry
 from cnnlab.models.checkpoint import load_model, save_model
 from cnnlab.models.summary import format_summary, summarize
+from cnnlab.train.checkpoints import load_checkpoint
+from cnnlab.train.distributed import barrier, broadcast, cleanup, device_for, setup
 from cnnlab.train.loop import HISTORY_COLUMNS, fit
 
 DEFAULT_MODEL = "cnn_small"
@@ -60,108 +64,172 @@ def _class_weights(split: Split) -> torch.Tensor:
     return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def train(cfg: Config, progress: bool = True, log=print) -> Path:
+# What a resumed run may change; everything else must match the checkpointed run.
+RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.checkpoint_steps", "train.threads",
+                     "train.eval_batch_size", "data.workers", "data.loader", "data.memory_cap_mb", "out", "tag"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _check_resumable(saved: Config, cfg: Config, run_dir: Path) -> None:
+    a, b = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
+    changed = [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b.get(k)]
+    if changed:
+        k = changed[0]
+        raise UserError(f"cannot resume {run_dir}: {k} was {a[k]!r} and is now {b.get(k)!r}; "
+                        f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
+
+
+def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None) -> Path:
     """Train and evaluate one model as `cfg` says; return its run folder.
 
     Args:
         cfg: a validated Config (see core/config.py).
         progress: show a per-epoch progress bar on a terminal.
         log: where progress lines go (also written to the run's log.txt).
+        resume: a run folder to continue from its checkpoint (cfg must be compatible).
     """
+    dist = setup()
+    if not dist.main:
+        log = _quiet
+    checkpoint = None
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass the folder printed as 'run: ...'")
+        checkpoint = load_checkpoint(run_dir)
+        _check_resumable(load_config(run_dir / "config.yaml"), cfg, run_dir)
     data = cfg.data.path
+    line = None
     if not data:
         data, line = default_data()
-    else:
-        line = None
     root, resolved_line = resolve_data(data)
     log(line or resolved_line)
     scan = require_trainable(scan_folder(root))
     for w in scan.warnings:
         log(f"warning: {w}")
-    split = (load_split(cfg.data.split_file, scan) if cfg.data.split_file else
-             make_split(scan, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
-                        seed=cfg.data.split_seed, limit_per_class=cfg.data.limit_per_class))
+    if resume:
+        split = load_split(run_dir / "split.csv", scan)
+    elif cfg.data.split_file:
+        split = load_split(cfg.data.split_file, scan)
+    else:
+        split = make_split(scan, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+                           seed=cfg.data.split_seed, limit_per_class=cfg.data.limit_per_class)
     if split.dropped:
         log(f"leakage: left out {len(split.dropped)} training files whose bytes also appear in val/test")
     name = cfg.model.name or DEFAULT_MODEL
-    entry = get_entry(name)
-    size = cfg.data.image_size or entry.default_size
+    size = cfg.data.image_size or get_entry(name).default_size
     model_args = {"layers": list(cfg.model.layers)} if name == "custom" else {}
     if cfg.model.layers and name != "custom":
         raise UserError(f"model.layers is only read by model 'custom', not {name!r}; set model.name: custom")
+    if cfg.train.batch_size % dist.world:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} must divide by the {dist.world} processes")
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = create_model(name, len(split.classes), size, **model_args)  # shape errors surface here
     model_text = format_summary(name, summarize(model, size), size)
+    run_info = {"split_sha256": manifest_hash(split), "world": dist.world}
+    if checkpoint and checkpoint[1]["progress"].get("run") != run_info:
+        raise UserError(f"cannot resume {run_dir}: its checkpoint was made with {checkpoint[1]['progress'].get('run')}, "
+                        f"now {run_info} (different data split or number of processes)")
 
-    device = pick_device()
+    device = device_for(dist)
     threads = set_threads(cfg.train.threads)
     precision = resolve_precision(cfg.train.precision, device)
-    if cfg.train.precision == "auto" and precision == "fp32" and device.type == "cpu":
-        log("precision: fp32 (this CPU has no native bf16; set train.precision=bf16 to force it)")
     resolved = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, path=str(root), image_size=size),
         model=dataclasses.replace(cfg.model, name=name))
-    run_dir = new_run_dir(cfg.out, name, cfg.tag)
-    log_file = open(run_dir / "log.txt", "a", buffering=1)
+    if not resume:
+        run_dir = broadcast(new_run_dir(cfg.out, name, cfg.tag) if dist.main else None, dist)
+    log_file = open(run_dir / "log.txt", "a", buffering=1) if dist.main else None
 
     def tee(msg: str) -> None:
         log(msg)
-        log_file.write(msg + "\n")
+        if log_file:
+            log_file.write(msg + "\n")
 
     try:
-        tee(f"run folder {run_dir}")
-        atomic_write(run_dir / "config.yaml", dump_config(resolved))
-        save_split(split, run_dir / "split.csv")
-        save_json(run_dir / "env.json", env_info(device))
-        atomic_write(run_dir / "model_summary.txt", model_text)
-        loaders = make_loaders(root, split, size, cfg.train.batch_size, cfg.train.eval_batch_size,
+        tee(f"run folder {run_dir}" + (" (resuming)" if resume else ""))
+        if dist.main and not resume:
+            atomic_write(run_dir / "config.yaml", dump_config(resolved))
+            save_split(split, run_dir / "split.csv")
+            save_json(run_dir / "env.json", env_info(device))
+            atomic_write(run_dir / "model_summary.txt", model_text)
+            _plot_distribution(split, run_dir)
+        if not dist.main:
+            barrier(dist)  # rank 0 builds the tensor cache first; the others then read it
+        loaders = make_loaders(root, split, size, cfg.train.batch_size // dist.world, cfg.train.eval_batch_size,
                                loader=cfg.data.loader, memory_cap_mb=cfg.data.memory_cap_mb, augment=cfg.data.augment,
-                               pad=cfg.data.crop_padding, seed=cfg.train.seed, workers=cfg.data.workers, log=tee)
+                               pad=cfg.data.crop_padding, seed=cfg.train.seed, workers=cfg.data.workers,
+                               rank=dist.rank, world=dist.world, log=tee)
+        if dist.main:
+            barrier(dist)
         if loaders.rejected:
             tee(f"left out {len(loaders.rejected)} files that do not decode (see rejected.csv)")
-            write_csv(run_dir / "rejected.csv", ["path", "reason"], loaders.rejected)
-        _plot_distribution(split, run_dir)
+            if dist.main:
+                write_csv(run_dir / "rejected.csv", ["path", "reason"], loaders.rejected)
         tee(f"{len(split.of('train')):,} train / {len(split.of('val')):,} val / {len(split.of('test')):,} test images, "
-            f"{len(split.classes)} classes, {size}x{size} px, {loaders.kind} loader, {precision}, {threads} threads")
+            f"{len(split.classes)} classes, {size}x{size} px, {loaders.kind} loader, {precision}, {threads} threads"
+            + (f", {dist.world} processes" if dist.active else ""))
         meta = {"model_name": name, "model_args": model_args, "classes": list(split.classes), "image_size": size,
                 "mean": list(loaders.mean), "std": list(loaders.std),
                 "preprocessing": "decode (EXIF, RGB) -> shorter side to image_size, centre crop -> (x/255-mean)/std",
-                "split_sha256": manifest_hash(split)}
-        result = fit(model, loaders, cfg.train, run_dir, device=device, precision=precision,
+                "split_sha256": run_info["split_sha256"]}
+        model = model.to(device).to(memory_format=torch.channels_last)
+        net = DistributedDataParallel(model) if dist.active else model
+        result = fit(net, loaders, cfg.train, run_dir, device=device, precision=precision,
                      class_weights=_class_weights(split) if cfg.train.class_weights == "balanced" else None,
-                     log=tee, progress=progress)
-        if not result.history:
-            write_csv(run_dir / "history.csv", HISTORY_COLUMNS, [])
-        summary = {"status": result.status, "message": result.message,
-                   "model": {"name": name, "params_total": sum(p.numel() for p in model.parameters()),
-                             "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
-                   "classes": list(split.classes), "best_epoch": result.best_epoch, "precision": precision,
-                   "data": {"root": str(root), "image_size": size, "split_sha256": meta["split_sha256"],
-                            "counts": split.counts(), "rejected": len(loaders.rejected)},
-                   "train": config_to_dict(cfg)["train"],
-                   "time": {"train_seconds": result.train_seconds,
-                            "epoch_seconds": [r["seconds"] for r in result.history]}}
-        if result.history:
-            save_figure_curves(result.history, run_dir, name)
-        if result.best_epoch:
-            save_model(model, run_dir, meta)
-            preds = predict_loader(model, loaders.test, split.classes, device)
-            summary["test"] = write_evaluation(preds, root, run_dir)
-            best = result.history[result.best_epoch - 1]
-            majority = max(np.bincount(loaders.val.y.numpy(), minlength=len(split.classes))) / max(1, len(loaders.val.y))
-            if result.status in ("completed", "early_stopped") and best["val_accuracy"] <= majority + 0.01:
-                summary["status"] = "failed_to_learn"
-                summary["message"] = (f"best validation accuracy {best['val_accuracy']:.4f} is no better than always "
-                                      f"predicting the largest class ({majority:.4f}); not a result: try another "
-                                      "learning rate")
-            tee(f"test accuracy {summary['test']['accuracy']:.4f}  macro F1 {summary['test']['f1_macro']:.4f}  "
-                f"loss {summary['test']['loss']:.4f}  (best epoch {result.best_epoch})")
-        save_json(run_dir / "summary.json", summary)
-        write_run_report(run_dir)
-        tee(f"status: {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""))
+                     log=tee, progress=progress, resume=checkpoint, dist=dist, run_info=run_info)
+        if dist.main:
+            _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, device, tee)
+        barrier(dist)
     finally:
-        log_file.close()
+        if log_file:
+            log_file.close()
+        cleanup(dist)
     return run_dir
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, device, tee) -> None:
+    """Evaluate the best weights on the test split; write summary.json, the plots and the report."""
+    if not result.history:
+        write_csv(run_dir / "history.csv", HISTORY_COLUMNS, [])
+    summary = {"status": result.status, "message": result.message,
+               "model": {"name": meta["model_name"], "params_total": sum(p.numel() for p in model.parameters()),
+                         "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+               "classes": list(split.classes), "best_epoch": result.best_epoch, "precision": precision,
+               "data": {"root": str(root), "image_size": meta["image_size"], "split_sha256": meta["split_sha256"],
+                        "counts": split.counts(), "rejected": len(loaders.rejected)},
+               "train": config_to_dict(cfg)["train"],
+               "time": {"train_seconds": result.train_seconds,
+                        "epoch_seconds": [r["seconds"] for r in result.history]}}
+    if result.history:
+        save_figure_curves(result.history, run_dir, meta["model_name"])
+    if result.best_epoch and result.status != "interrupted":
+        save_model(model, run_dir, meta)
+        preds = predict_loader(model, loaders.test, split.classes, device)
+        summary["test"] = write_evaluation(preds, root, run_dir)
+        best = result.history[result.best_epoch - 1]
+        majority = max(np.bincount(loaders.val.y.numpy(), minlength=len(split.classes))) / max(1, len(loaders.val.y))
+        if result.status in ("completed", "early_stopped") and best["val_accuracy"] <= majority + 0.01:
+            summary["status"] = "failed_to_learn"
+            summary["message"] = (f"best validation accuracy {best['val_accuracy']:.4f} is no better than always "
+                                  f"predicting the largest class ({majority:.4f}); not a result: try another "
+                                  "learning rate")
+        tee(f"test accuracy {summary['test']['accuracy']:.4f}  macro F1 {summary['test']['f1_macro']:.4f}  "
+            f"loss {summary['test']['loss']:.4f}  (best epoch {result.best_epoch})")
+    save_json(run_dir / "summary.json", summary)
+    write_run_report(run_dir)
+    tee(f"status: {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""))
 
 
 def save_figure_curves(history, run_dir: Path, name: str) -> None:
@@ -203,10 +271,10 @@ def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
         split = load_split(run_dir / "split.csv", scan)
         split = Split(tuple(r for r in split.rows if r.split == "test"), classes)
     log(line)
-    from cnnlab.data.loaders import StreamLoader
-
-    test = StreamLoader(root, list(split.rows), {c: k for k, c in enumerate(classes)}, meta["image_size"], 256,
-                        meta["mean"], meta["std"], workers=0)
+    rows = list(split.rows)
+    y = torch.tensor([classes.index(r.label) for r in rows], dtype=torch.long)
+    test = Loader(FileSource(root, rows, meta["image_size"], workers=0), y, [r.path for r in rows], 256,
+                  meta["mean"], meta["std"])
     out = run_dir / "evaluations" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     metrics = write_evaluation(predict_loader(model, test, classes), root, out)

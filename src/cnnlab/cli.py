@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cnnlab.core.errors import UserError
 
@@ -29,6 +30,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", help="root folder for run folders (default runs/)")
     p.add_argument("--tag", help="suffix for the run folder's name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=0.01")
+    p.add_argument("--resume", metavar="RUN", help="continue a stopped run from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -80,8 +82,15 @@ def run(argv: list[str]) -> int:
     elif args.command == "train":
         from cnnlab.core.config import load_config
 
-        cfg = load_config(args.config, _train_overrides(args), args.set)
-        folder = api.train(cfg, progress=not args.no_progress)
+        config = args.config
+        if args.resume:
+            if config:
+                raise UserError("give either a config file or --resume RUN (which uses the run's own config)")
+            config = str(Path(args.resume) / "config.yaml")
+            if not Path(config).is_file():
+                raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml)")
+        cfg = load_config(config, _train_overrides(args), args.set)
+        folder = api.train(cfg, progress=not args.no_progress, resume=args.resume)
         print(f"report: {folder / 'report.html'}")
         print(f"run: {folder}")
     elif args.command == "evaluate":

@@ -64,6 +64,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where the CPU has AMX/AVX512-BF16) | fp32 | bf16
     threads: int = 0  # intra-op threads; 0 = all cores
     eval_batch_size: int = 512
+    checkpoint_steps: int = 0  # also checkpoint every this many steps inside an epoch; 0 = at epoch ends only
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ def validate(cfg: Config) -> Config:
         (t.step_epochs >= 1, "train.step_epochs must be at least 1"),
         (0 < t.gamma <= 1, "train.gamma must be in (0, 1]"),
         (t.threads >= 0, "train.threads must not be negative"),
+        (t.checkpoint_steps >= 0, "train.checkpoint_steps must not be negative"),
         (0 < d.val_fraction < 1, "data.val_fraction must be between 0 and 1"),
         (0 < d.test_fraction < 1, "data.test_fraction must be between 0 and 1"),
         (d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be below 1"),

@@ -88,89 +88,107 @@ def cached_arrays(root: Path, rows: list[Row], size: int, workers: int, log=prin
     return images[inverse], [errors[i] for i in inverse]
 
 
-class MemoryLoader:
-    """Batches `(x, y, index into paths)` from an in-memory uint8 tensor, seeded per epoch."""
+class Loader:
+    """Batches `(x, y, index into paths)`: seeded order and augmentation, resumable, shardable.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, *, train=False,
-                 augment=(), pad=4, seed=0, paths=()):
-        self.x, self.y, self.batch_size = x, y, batch_size
+    The order of an epoch is a permutation drawn from a generator seeded by (seed, epoch), and the
+    same generator then drives augmentation, so an epoch is reproducible from its number alone and
+    `resume_at` can continue it mid-way from a saved generator state. With `world` > 1 each rank
+    takes every world-th sample of the same permutation (cut to equal length, so all ranks take
+    the same number of steps).
+    """
+
+    def __init__(self, source, y: torch.Tensor, paths: list[str], batch_size: int, mean, std, *, train=False,
+                 augment=(), pad=4, seed=0, rank=0, world=1):
+        self.source, self.y, self.paths, self.batch_size = source, y, list(paths), batch_size
         self.mean, self.std, self.train, self.augment, self.pad = mean, std, train, augment, pad
-        self.seed, self.epoch, self.paths = seed, 0, list(paths)
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.generator = None  # the current epoch's generator (its state goes into checkpoints)
+        self._resume: tuple[int, torch.Tensor | None] = (0, None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_at(self, step: int, generator_state: torch.Tensor | None) -> None:
+        """Make the next iteration start at batch `step` with the generator as it was saved."""
+        self._resume = (step, generator_state)
+
+    def _order(self, g: torch.Generator) -> torch.Tensor:
+        n = len(self.y)
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        if self.world > 1:
+            order = order[: n - n % self.world] if self.train else order
+            order = order[self.rank::self.world]
+        return order
+
     def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
+        n = len(self.y)
+        if self.world > 1:
+            n = (n - n % self.world) // self.world if self.train else len(range(self.rank, n, self.world))
+        return math.ceil(n / self.batch_size)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n = len(self.y)
-        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
-        for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size]
-            xb = to_model_input(self.x[idx], self.mean, self.std)
+        order = self._order(g)
+        start, state = self._resume
+        self._resume = (0, None)
+        if state is not None:
+            g.set_state(state)
+        self.generator = g
+        batches = [order[i:i + self.batch_size] for i in range(start * self.batch_size, len(order), self.batch_size)]
+        for x8, idx in self.source.batches(batches):
+            if len(idx) == 0:
+                continue
+            xb = to_model_input(x8, self.mean, self.std)
             if self.train and self.augment:
                 xb = augment_batch(xb, self.augment, self.pad, g)
             yield xb, self.y[idx], idx
 
 
+class MemorySource:
+    """uint8 images held in memory."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def batches(self, index_lists):
+        for idx in index_lists:
+            yield self.x[idx], idx
+
+
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, root: Path, rows: list[Row], class_index: dict, size: int):
-        self.root, self.rows, self.class_index, self.size = root, rows, class_index, size
+    def __init__(self, root: Path, rows: list[Row], size: int):
+        self.root, self.rows, self.size = root, rows, size
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        r = self.rows[i]
         try:
-            return torch.from_numpy(load_array(self.root / r.path, self.size)), self.class_index[r.label], i
+            return torch.from_numpy(load_array(self.root / self.rows[i].path, self.size)), i
         except (DecodeError, OSError):
-            # label -1 marks a file that failed; the collate step drops it
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, i
+            return None, i  # a file that fails to decode is dropped from its batch
 
 
 def _collate(batch):
-    keep = [b for b in batch if b[1] >= 0]
+    keep = [b for b in batch if b[0] is not None]
     if not keep:
-        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    return (torch.stack([b[0] for b in keep]), torch.tensor([b[1] for b in keep], dtype=torch.long),
-            torch.tensor([b[2] for b in keep], dtype=torch.long))
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.stack([b[0] for b in keep]), torch.tensor([b[1] for b in keep], dtype=torch.long)
 
 
-class StreamLoader:
-    """Decodes files in DataLoader workers per batch; the same batch transforms as MemoryLoader."""
+class FileSource:
+    """Images decoded from files per batch in DataLoader worker processes."""
 
-    def __init__(self, root, rows, class_index, size, batch_size, mean, std, *, train=False, augment=(),
-                 pad=4, seed=0, workers=2):
-        self.rows, self.mean, self.std, self.train = rows, mean, std, train
-        self.augment, self.pad, self.seed, self.epoch = augment, pad, seed, 0
-        self.batch_size, self.paths = batch_size, [r.path for r in rows]
-        self.dataset = _FileDataset(root, rows, class_index, size)
-        self.workers = workers
-        self.y = torch.tensor([class_index[r.label] for r in rows], dtype=torch.long)
+    def __init__(self, root: Path, rows: list[Row], size: int, workers: int):
+        self.dataset, self.workers = _FileDataset(root, rows, size), workers
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
-
-    def __iter__(self):
-        # the same order and random stream as MemoryLoader, so both loaders train identically
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n = len(self.rows)
-        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
-        dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=order.tolist(),
-                                         num_workers=self.workers, collate_fn=_collate)
-        for xb, yb, idx in dl:
-            if len(yb) == 0:
-                continue
-            xb = to_model_input(xb, self.mean, self.std)
-            if self.train and self.augment:
-                xb = augment_batch(xb, self.augment, self.pad, g)
-            yield xb, yb, idx
+    def batches(self, index_lists):
+        lists = [idx.tolist() for idx in index_lists]
+        if not lists:
+            return
+        yield from torch.utils.data.DataLoader(self.dataset, batch_sampler=lists, num_workers=self.workers,
+                                               collate_fn=_collate)
 
 
 @dataclass
@@ -194,12 +212,14 @@ def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batch_size: int, *, loader="auto",
-                 memory_cap_mb=4096, augment=(), pad=4, seed=0, workers=2, mean_std=None, log=print) -> Loaders:
+                 memory_cap_mb=4096, augment=(), pad=4, seed=0, workers=2, mean_std=None, rank=0, world=1,
+                 log=print) -> Loaders:
     """Build train/val/test loaders for a split at `size` x `size` pixels.
 
     Args:
         mean_std: fixed (mean, std) normalisation, e.g. a pretrained backbone's; None computes
             it from the training images.
+        rank, world: this process's shard of train and val under distributed training.
     """
     classes = split.classes
     class_index = {c: k for k, c in enumerate(classes)}
@@ -230,8 +250,9 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
 
         def make(s, train):
             x, y, paths = parts[s]
-            return MemoryLoader(x, y, batch_size if train else eval_batch_size, mean, std, train=train,
-                                augment=augment, pad=pad, seed=seed, paths=paths)
+            shard = (rank, world) if s != "test" else (0, 1)  # rank 0 predicts the whole test split
+            return Loader(MemorySource(x), y, paths, batch_size if train else eval_batch_size, mean, std,
+                          train=train, augment=augment, pad=pad, seed=seed, rank=shard[0], world=shard[1])
 
         return Loaders(make("train", True), make("val", False), make("test", False), classes, mean, std, size,
                        kind, rejected)
@@ -243,7 +264,11 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
         mean, std = mean_std
 
     def stream(s, train):
-        return StreamLoader(root, split.of(s), class_index, size, batch_size if train else eval_batch_size, mean, std,
-                            train=train, augment=augment, pad=pad, seed=seed, workers=workers)
+        rows = split.of(s)
+        y = torch.tensor([class_index[r.label] for r in rows], dtype=torch.long)
+        shard = (rank, world) if s != "test" else (0, 1)
+        return Loader(FileSource(root, rows, size, workers), y, [r.path for r in rows],
+                      batch_size if train else eval_batch_size, mean, std, train=train, augment=augment, pad=pad,
+                      seed=seed, rank=shard[0], world=shard[1])
 
     return Loaders(stream("train", True), stream("val", False), stream("test", False), classes, mean, std, size, kind)

@@ -1,10 +1,12 @@
-"""The fit loop: train, validate, keep the best weights, stop early, never save NaN.
+"""The fit loop: train, validate, keep the best weights, checkpoint, stop early, never save NaN.
 
 Plain functions in torchvision-reference style (`train_one_epoch`, `validate`, `fit`). Every
-epoch appends a row to `history.csv` and, when the monitored metric improves, writes the best
-weights to `model.safetensors` atomically; at the end the best weights are restored. A
-non-finite loss stops training within that step with status `diverged`; Ctrl-C stops it with
-status `interrupted`; both keep the last good weights.
+epoch appends a row to `history.csv`, writes the best weights to `model.safetensors` when the
+monitored metric improves, and writes `checkpoint.safetensors` with the whole training state, so
+`--resume` continues exactly where a run stopped (also mid-epoch, with `train.checkpoint_steps`).
+A non-finite loss stops training within that step with status `diverged`; SIGINT or SIGTERM
+finish the current step, checkpoint, and stop with status `interrupted`. Under torchrun, sums are
+all-reduced and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,8 @@ from torch import nn
 from cnnlab.core.config import TrainConfig
 from cnnlab.core.runs import write_csv
 from cnnlab.models.checkpoint import save_weights
+from cnnlab.train.checkpoints import restore_training, save_checkpoint
+from cnnlab.train.distributed import DistInfo, all_sum
 from cnnlab.train.optim import build_optimizer, build_scheduler
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"]
@@ -36,25 +41,66 @@ class FitResult:
     message: str = ""
 
 
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked after each step, for a clean checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, device, epoch, progress=True) -> dict:
-    """One pass over `loader`. Returns loss/accuracy, or status 'diverged' at the first bad loss."""
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, device, epoch, *, start_step=0,
+                    totals=(0.0, 0, 0), progress=True, dist: DistInfo = DistInfo(), stop: StopRequest | None = None,
+                    checkpoint_every: int = 0, checkpoint=None) -> dict:
+    """One pass over `loader` (from wherever it was told to resume).
+
+    Args:
+        start_step: the batch the loader was told to resume at (0 for a fresh epoch).
+        totals: (loss sum, correct, seen) carried over from the first part of a resumed epoch.
+        stop: a StopRequest; when set, the epoch ends after the current step with status 'stopped'.
+        checkpoint_every: call `checkpoint(step, totals)` every this many steps (0 = never).
+
+    Returns:
+        {'status': 'ok' | 'diverged' | 'stopped', 'loss', 'accuracy', 'step', 'totals'}.
+    """
     from tqdm import tqdm
 
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch", dynamic_ncols=True)
-    for step, (x, y, _) in enumerate(bar):
+    loss_sum, correct, seen = totals
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch", dynamic_ncols=True,
+               initial=start_step, total=len(loader))
+    step = start_step - 1
+    for step, (x, y, _) in enumerate(bar, start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(precision, device):
             logits = model(x)
             loss = criterion(logits.float(), y)
         value = loss.item()
+        stopping = bool(stop and stop.requested)
+        if dist.active:  # every rank must agree to stop or to diverge at the same step
+            value, flag = all_sum([value, float(stopping)], dist, device)
+            value, stopping = value / dist.world, flag > 0
         if not math.isfinite(value):
             bar.close()
             return {"status": "diverged", "step": step, "loss": value}
@@ -63,17 +109,24 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         optimizer.step()
         scheduler.step()
         n = y.numel()
-        loss_sum += value * n
+        loss_sum += loss.item() * n
         correct += (logits.argmax(1) == y).sum().item()
         seen += n
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-    return {"status": "ok", "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen)}
+        done = step + 1
+        if stopping:
+            bar.close()
+            return {"status": "stopped", "step": done, "totals": (loss_sum, correct, seen)}
+        if checkpoint_every and done % checkpoint_every == 0 and done < len(loader):
+            checkpoint(done, (loss_sum, correct, seen))
+    loss_sum, correct, seen = all_sum([loss_sum, correct, seen], dist, device)
+    return {"status": "ok", "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen), "step": step + 1}
 
 
 @torch.no_grad()
-def validate(model, loader, precision, device) -> tuple[float, float]:
-    """Mean cross-entropy (no smoothing, no class weights) and accuracy."""
+def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> tuple[float, float]:
+    """Mean cross-entropy (no smoothing, no class weights) and accuracy, summed over ranks."""
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y, _ in loader:
@@ -83,6 +136,7 @@ def validate(model, loader, precision, device) -> tuple[float, float]:
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         seen += y.numel()
+    loss_sum, correct, seen = all_sum([loss_sum, correct, seen], dist, device)
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
@@ -91,63 +145,105 @@ def _finite(model: nn.Module) -> bool:
 
 
 def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: torch.device, precision: str,
-        class_weights: torch.Tensor | None = None, log=print, progress=True) -> FitResult:
+        class_weights: torch.Tensor | None = None, log=print, progress=True, resume: tuple | None = None,
+        dist: DistInfo = DistInfo(), run_info: dict | None = None) -> FitResult:
     """Train `model` on `loaders.train`, validating on `loaders.val` each epoch.
 
     Args:
+        model: the network (wrapped in DistributedDataParallel under torchrun).
         cfg: the training section of the config.
-        run_dir: where `history.csv` and `model.safetensors` (best weights) are written.
+        run_dir: where history.csv, model.safetensors (best weights) and the checkpoint go.
         precision: "fp32" or "bf16" (autocast).
         class_weights: per-class loss weights, or None.
+        resume: (tensors, meta) from `load_checkpoint`, to continue a stopped run.
+        dist: this process's place in distributed training.
+        run_info: stored in the checkpoint so a resume can check it continues the same run.
 
     Returns:
         FitResult; the model holds the best epoch's weights afterwards.
     """
-    model.to(device)
-    model = model.to(memory_format=torch.channels_last)
+    net = model.module if hasattr(model, "module") else model  # what gets saved
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loaders.train))
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device) if class_weights is not None else None,
                                     label_smoothing=cfg.label_smoothing)
     higher = cfg.monitor == "val_accuracy"
-    best, best_epoch, best_state, stale = -math.inf if higher else math.inf, 0, None, 0
-    history, status, message, train_seconds = [], "completed", "", 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        loaders.train.set_epoch(epoch)
-        try:
+    p = {"epoch": 1, "step": 0, "totals": [0.0, 0, 0], "history": [], "best": -math.inf if higher else math.inf,
+         "best_epoch": 0, "stale": 0, "train_seconds": 0.0, "run": run_info or {}}
+    best_state = None
+    if resume:
+        tensors, meta = resume
+        restore_training(tensors, meta, net, optimizer, scheduler)
+        p = meta["progress"]
+        if p["step"]:
+            loaders.train.set_epoch(p["epoch"])
+            loaders.train.resume_at(p["step"], tensors.get("rng.loader"))
+        if p["best_epoch"]:
+            from safetensors.torch import load_file
+
+            best_state = load_file(str(run_dir / "model.safetensors"))
+        log(f"resumed at epoch {p['epoch']}, step {p['step']}")
+
+    def checkpoint(epoch: int, step: int, totals) -> None:
+        if dist.main:
+            state = dict(p, epoch=epoch, step=step, totals=list(totals))
+            g = loaders.train.generator if step else None
+            save_checkpoint(run_dir, net, optimizer, scheduler, state, g.get_state() if g is not None else None)
+
+    status, message = "completed", ""
+    with StopRequest() as stop:
+        epoch = p["epoch"]
+        while epoch <= cfg.epochs:
+            start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            if not p["step"]:
+                loaders.train.set_epoch(epoch)
             result = train_one_epoch(model, loaders.train, optimizer, scheduler, criterion, precision, device, epoch,
-                                     progress)
-            train_seconds += time.perf_counter() - start
+                                     start_step=p["step"], totals=tuple(p["totals"]), progress=progress and dist.main, dist=dist, stop=stop,
+                                     checkpoint_every=cfg.checkpoint_steps,
+                                     checkpoint=lambda s, t, e=epoch: checkpoint(e, s, t))
+            p["train_seconds"] += time.perf_counter() - start
             if result["status"] == "diverged":
                 status = "diverged"
                 message = (f"loss became {result['loss']} at epoch {epoch}, step {result['step']}; "
                            "try a lower learning rate")
                 break
-            val_loss, val_acc = validate(model, loaders.val, precision, device)
-        except KeyboardInterrupt:
-            status, message = "interrupted", f"stopped by the user during epoch {epoch}"
-            break
-        row = {"epoch": epoch, "lr": lr, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
-               "val_loss": val_loss, "val_accuracy": val_acc, "seconds": 0.0}
-        metric = val_acc if higher else val_loss
-        improved = (metric > best) if higher else (metric < best)
-        if improved and _finite(model):
-            best, best_epoch, stale = metric, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-            save_weights(model, run_dir / "model.safetensors")
-        else:
-            stale += 1
-        row["seconds"] = round(time.perf_counter() - start, 3)
-        history.append(row)
-        write_csv(run_dir / "history.csv", HISTORY_COLUMNS, ([r[c] for c in HISTORY_COLUMNS] for r in history))
-        log(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.3g}  {row['seconds']:.1f}s" + ("  *" if improved else ""))
-        if cfg.patience and stale >= cfg.patience:
-            status = "early_stopped"
-            message = f"no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {best_epoch}"
-            break
+            if result["status"] == "stopped":
+                checkpoint(epoch, result["step"], result["totals"])
+                status = "interrupted"
+                message = f"stopped during epoch {epoch}; continue with: cnnlab train --resume {run_dir}"
+                break
+            val_loss, val_acc = validate(model, loaders.val, precision, device, dist)
+            row = {"epoch": epoch, "lr": lr, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
+                   "val_loss": val_loss, "val_accuracy": val_acc, "seconds": 0.0}
+            metric = val_acc if higher else val_loss
+            improved = (metric > p["best"]) if higher else (metric < p["best"])
+            if improved and _finite(net):
+                p.update(best=metric, best_epoch=epoch, stale=0)
+                best_state = copy.deepcopy(net.state_dict())
+                if dist.main:
+                    save_weights(net, run_dir / "model.safetensors")
+            else:
+                p["stale"] += 1
+            row["seconds"] = round(time.perf_counter() - start, 3)
+            p["history"].append(row)
+            p.update(step=0, totals=[0.0, 0, 0])
+            if dist.main:
+                write_csv(run_dir / "history.csv", HISTORY_COLUMNS,
+                          ([r[c] for c in HISTORY_COLUMNS] for r in p["history"]))
+            checkpoint(epoch + 1, 0, (0.0, 0, 0))
+            log(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+                f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.3g}  {row['seconds']:.1f}s"
+                + ("  *" if improved else ""))
+            if cfg.patience and p["stale"] >= cfg.patience:
+                status = "early_stopped"
+                message = f"no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {p['best_epoch']}"
+                break
+            if stop.requested:
+                status = "interrupted"
+                message = f"stopped after epoch {epoch}; continue with: cnnlab train --resume {run_dir}"
+                break
+            epoch += 1
     if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(history, best_epoch, status, round(train_seconds, 3), message)
+        net.load_state_dict(best_state)
+    return FitResult(p["history"], p["best_epoch"], status, round(p["train_seconds"], 3), message)

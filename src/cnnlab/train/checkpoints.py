@@ -1,0 +1,103 @@
+"""Training checkpoints: everything needed to continue a run exactly, in one safetensors file.
+
+`checkpoint.safetensors` holds the model, the optimizer's tensors and the RNG states as tensors,
+and the rest (epoch and step, early-stopping state, history, optimizer hyper-parameters, scheduler
+state, Python and NumPy RNG state) as JSON in the file's metadata. Nothing is pickled. It is
+written atomically, so the previous checkpoint stays intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, safe_open, save
+
+from cnnlab.core.errors import UserError
+from cnnlab.core.runs import atomic_write
+
+CHECKPOINT = "checkpoint.safetensors"
+_writes = 0
+
+
+def capture_rng() -> tuple[dict, dict]:
+    """(tensors, json) for the global Python, NumPy and torch RNG states."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    return tensors, {"python": [py[0], list(py[1]), py[2]], "numpy": [name, int(pos), int(has_gauss), float(gauss)]}
+
+
+def restore_rng(tensors: dict, state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, pos, has_gauss, g = state["numpy"]
+    np.random.set_state((name, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, g))
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict,
+                    loader_state: torch.Tensor | None) -> Path:
+    """Write the full training state; `progress` is JSON (epoch, step, history, best, ...)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for name, v in st.items():
+            tensors[f"optim.{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    rng_tensors, rng_state = capture_rng()
+    tensors.update(rng_tensors)
+    if loader_state is not None:
+        tensors["rng.loader"] = loader_state
+    meta = {"progress": progress, "rng": rng_state, "param_groups": opt["param_groups"],
+            "scheduler": scheduler.state_dict()}
+    data = save(tensors, metadata={"cnnlab": json.dumps(meta)})
+    path = Path(run_dir) / CHECKPOINT
+    _fault_injection(path, data)
+    return atomic_write(path, data)
+
+
+def _fault_injection(path: Path, data: bytes) -> None:
+    """CNNLAB_FAULT=kill-in-checkpoint:N kills this process halfway through the Nth checkpoint write.
+
+    Used by the tests to prove that a kill mid-write never leaves an unreadable checkpoint.
+    """
+    global _writes
+    _writes += 1
+    fault = os.environ.get("CNNLAB_FAULT", "")
+    if fault.startswith("kill-in-checkpoint:") and _writes == int(fault.split(":")[1]):
+        tmp = path.with_name(f".{path.name}.fault.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict, dict]:
+    """(tensors, meta) of the run's checkpoint, or a UserError saying why it cannot be resumed."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {CHECKPOINT} to resume from (it finished, or never completed a step)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["cnnlab"])
+        return load_file(str(path)), meta
+    except Exception as e:  # a damaged file must not take the user down with a traceback
+        raise UserError(f"{path} cannot be read ({type(e).__name__}); it is damaged") from None
+
+
+def restore_training(tensors: dict, meta: dict, model, optimizer, scheduler) -> None:
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    restore_rng(tensors, meta["rng"])

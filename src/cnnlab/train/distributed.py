@@ -1,0 +1,77 @@
+"""Distributed data parallel through PyTorch's own engine (torchrun), and nothing home-made.
+
+`torchrun --nproc-per-node N -m cnnlab train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; `setup`
+joins the process group (gloo on CPU, NCCL on GPUs). Every rank trains on its shard, sums are
+all-reduced, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def setup() -> DistInfo:
+    """Join the process group when launched by torchrun; a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend)
+    return info
+
+
+def device_for(info: DistInfo) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def all_sum(values: list[float], info: DistInfo, device: torch.device = torch.device("cpu")) -> list[float]:
+    """Element-wise sum of `values` over all ranks (identity for one process)."""
+    if not info.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast(obj, info: DistInfo):
+    """Rank 0's `obj` on every rank."""
+    if not info.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.active:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.active and dist.is_initialized():
+        dist.destroy_process_group()
