@@ -116,11 +116,13 @@ def test_evaluate_reproduces_test_metrics(run, capsys):
     assert folder.parent.parent == run  # written inside the run folder
 
 
-def test_same_seed_same_weights_and_stream_loader(cifar_root, tmp_path, capsys):
+def test_streaming_past_the_memory_cap_trains_like_memory(cifar_root, tmp_path, capsys):
     args = ["--data", str(cifar_root), "--model", "cnn_small", "--epochs", "1", "--batch-size", "32",
             "--out", str(tmp_path), "--seed", "3", "--deterministic", "--set", "data.limit_per_class=12"]
     a = train_cli(capsys, *args, "--tag", "a")
-    b = train_cli(capsys, *args, "--tag", "b", "--set", "data.loader=stream", "--set", "data.workers=0")
+    # a 1 MB memory cap makes the automatic choice stream the files from disk
+    b = train_cli(capsys, *args, "--tag", "b", "--set", "data.memory_cap_mb=1", "--set", "data.workers=1")
+    assert "stream loader" in (b / "log.txt").read_text() and "memory loader" in (a / "log.txt").read_text()
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -158,6 +160,7 @@ def test_no_better_than_chance_is_flagged(tmp_path, capsys):
     (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),
     (["--model", "report004_vgg", "--image-size", "8"], "image size 8"),
     (["--model", "custom", "--set", "model.layers=[{conv: 8}, {dense: 4}, flatten]"], "need flat input"),
+    (["--precision", "fp16"], "needs a GPU"),
 ])
 def test_bad_training_input_fails_before_any_run_folder(cifar_root, tmp_path, capsys, args, message):
     code = main(["train", "--data", str(cifar_root), "--out", str(tmp_path / "runs"), "--set",

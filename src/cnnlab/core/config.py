@@ -61,7 +61,7 @@ class TrainConfig:
     monitor: str = "val_loss"  # val_loss | val_accuracy: picks the best epoch
     seed: int = 0
     deterministic: bool = False
-    precision: str = "auto"  # auto (bf16 where the CPU has AMX/AVX512-BF16) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16) | fp32 | bf16 | fp16 (GPU)
     threads: int = 0  # intra-op threads; 0 = all cores
     eval_batch_size: int = 512
     checkpoint_steps: int = 0  # also checkpoint every this many steps inside an epoch; 0 = at epoch ends only
@@ -82,7 +82,7 @@ CHOICES = {
     "train.schedule": ("constant", "step", "exponential", "cosine", "onecycle"),
     "train.class_weights": ("none", "balanced"),
     "train.monitor": ("val_loss", "val_accuracy"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 AUGMENTATIONS = ("crop", "flip", "cutout", "jitter")
 

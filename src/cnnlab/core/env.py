@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import cnnlab
+from cnnlab.core.errors import UserError
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -42,10 +43,13 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """The autocast precision to train in: the configured one, or the fastest safe one here."""
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("train.precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_bf16() else "fp32"
 
 

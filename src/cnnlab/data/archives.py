@@ -16,6 +16,7 @@ import pickle
 import shutil
 import tarfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -47,25 +48,36 @@ def _safe_member(name: str, archive: Path) -> PurePosixPath:
     return p
 
 
-def extract_archive(archive: Path, dest: Path, max_bytes: int = MAX_EXTRACT_BYTES) -> Path:
-    """Extract `archive` into `dest` (created atomically); return `dest`. Reuses a finished one."""
-    if dest.is_dir():
-        return dest
+@contextmanager
+def staged_folder(dest: Path, unreadable: str):
+    """Build a folder under a temporary name and rename it to `dest` only when complete.
+
+    Read errors while building become a UserError that starts with `unreadable`; on any failure
+    the partial folder is removed, so `dest` either exists whole or not at all.
+    """
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        yield tmp
+        os.replace(tmp, dest)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{unreadable} ({type(e).__name__}: {e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def extract_archive(archive: Path, dest: Path, max_bytes: int = MAX_EXTRACT_BYTES) -> Path:
+    """Extract `archive` into `dest` (created atomically); return `dest`. Reuses a finished one."""
+    if dest.is_dir():
+        return dest
+    with staged_folder(dest, f"archive {archive} cannot be read; check that the download is complete") as tmp:
         if archive.name.lower().endswith(".zip"):
             _extract_zip(archive, tmp, max_bytes)
         else:
             _extract_tar(archive, tmp, max_bytes)
-        os.replace(tmp, dest)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"archive {archive} cannot be read ({type(e).__name__}: {e}); check that the download is complete") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -160,30 +172,20 @@ def cifar_tar_to_folder(archive: Path, dest: Path, check_md5: bool = True) -> Pa
         return dest
     if check_md5 and file_digest(archive, "md5") != CIFAR10_MD5:
         raise UserError(f"{archive} does not have the official CIFAR-10 md5 ({CIFAR10_MD5}); re-download it")
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with tarfile.open(archive) as tf:
-            members = {PurePosixPath(m.name).name: m for m in tf if m.isfile()}
-            parts = [(f"data_batch_{i}", "train") for i in range(1, 6)] + [("test_batch", "test")]
-            missing = [n for n, _ in parts if n not in members]
-            if missing:
-                raise UserError(f"{archive} lacks {', '.join(missing)}; it is not cifar-10-python.tar.gz")
-            for name, split in parts:
-                images, labels = read_cifar_batch(tf.extractfile(members[name]).read())
-                for i, (img, y) in enumerate(zip(images, labels)):
-                    if not 0 <= y < len(CIFAR10_CLASSES):
-                        raise UserError(f"{archive}: label {y} in {name} is out of range")
-                    folder = tmp / split / CIFAR10_CLASSES[y]
-                    folder.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(img).save(folder / f"{name}_{i:05d}.png")
-        os.replace(tmp, dest)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{archive} cannot be read ({type(e).__name__}); re-download it") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_folder(dest, f"{archive} cannot be read; re-download it") as tmp, tarfile.open(archive) as tf:
+        members = {PurePosixPath(m.name).name: m for m in tf if m.isfile()}
+        parts = [(f"data_batch_{i}", "train") for i in range(1, 6)] + [("test_batch", "test")]
+        missing = [n for n, _ in parts if n not in members]
+        if missing:
+            raise UserError(f"{archive} lacks {', '.join(missing)}; it is not cifar-10-python.tar.gz")
+        for name, split in parts:
+            images, labels = read_cifar_batch(tf.extractfile(members[name]).read())
+            for i, (img, y) in enumerate(zip(images, labels)):
+                if not 0 <= y < len(CIFAR10_CLASSES):
+                    raise UserError(f"{archive}: label {y} in {name} is out of range")
+                folder = tmp / split / CIFAR10_CLASSES[y]
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(folder / f"{name}_{i:05d}.png")
     return dest
 
 

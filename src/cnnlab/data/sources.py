@@ -23,6 +23,7 @@ from cnnlab.data.archives import (
     file_digest,
     is_archive,
     is_cifar_python_archive,
+    staged_folder,
 )
 from cnnlab.data.decode import is_image_name
 
@@ -194,13 +195,11 @@ def digits_folder() -> Path:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    tmp = dest.with_name("digits.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for i, (img, y) in enumerate(zip(d.images, d.target)):
-        folder = tmp / str(int(y))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.uint8(np.rint(img * (255 / 16))), "L").save(folder / f"{i:04d}.png")
-    os.replace(tmp, dest)
+    with staged_folder(dest, f"cannot write the digits to {dest}") as tmp:
+        for i, (img, y) in enumerate(zip(d.images, d.target)):
+            folder = tmp / str(int(y))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.uint8(np.rint(img * (255 / 16))), "L").save(folder / f"{i:04d}.png")
     return dest
 
 

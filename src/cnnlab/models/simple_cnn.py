@@ -55,31 +55,23 @@ def custom(num_classes, image_size, layers=()):
     return build_layers(list(layers), num_classes, image_size)
 
 
-@register_model(default_size=32, description="report 000: 3 x Conv5x5-BN-ReLU-MaxPool (32/64/128), Dense 64, 390,634 params at 32 px")
-def report000_cnn(num_classes, image_size):
-    return build_layers(PRESETS["report000_cnn"], num_classes, image_size)
+PRESET_INFO = {  # name: (default input side in pixels, description)
+    "report000_cnn": (32, "report 000: 3 x Conv5x5-BN-ReLU-MaxPool (32/64/128), Dense 64, 390,634 params at 32 px"),
+    "report001_cnn": (256, "report 001 (RealWaste): 2 x Conv3x3-BN-ReLU-MaxPool (32/64), Dense 128/64, at 256 px"),
+    "report003_cnn": (32, "report 003: Conv3x3 32/64/128 with BN, pool after the first two, Dense 512"),
+    "report004_deep": (32, "report 004 'deep CNN': 10 convs 32..512, GAP, Dense 1024/512"),
+    "report004_vgg": (32, "report 004 'VGG-style': 10 Conv3x3-BN 64..512, Dense 4096 x 2"),
+    "cnn_small": (32, "default small CNN: Conv3x3-BN-ReLU 32/64/128/256 with pooling, GAP"),
+}
 
 
-@register_model(default_size=256, description="report 001 (RealWaste): 2 x Conv3x3-BN-ReLU-MaxPool (32/64), Dense 128/64, at 256 px")
-def report001_cnn(num_classes, image_size):
-    return build_layers(PRESETS["report001_cnn"], num_classes, image_size)
+def _register_preset(name: str, size: int, description: str) -> None:
+    def build(num_classes, image_size):
+        return build_layers(PRESETS[name], num_classes, image_size)
+
+    build.__name__ = name
+    register_model(default_size=size, description=description)(build)
 
 
-@register_model(default_size=32, description="report 003: Conv3x3 32/64/128 with BN, pool after the first two, Dense 512")
-def report003_cnn(num_classes, image_size):
-    return build_layers(PRESETS["report003_cnn"], num_classes, image_size)
-
-
-@register_model(default_size=32, description="report 004 'deep CNN': 10 convs 32..512, GAP, Dense 1024/512")
-def report004_deep(num_classes, image_size):
-    return build_layers(PRESETS["report004_deep"], num_classes, image_size)
-
-
-@register_model(default_size=32, description="report 004 'VGG-style': 10 Conv3x3-BN 64..512, Dense 4096 x 2")
-def report004_vgg(num_classes, image_size):
-    return build_layers(PRESETS["report004_vgg"], num_classes, image_size)
-
-
-@register_model(default_size=32, description="default small CNN: Conv3x3-BN-ReLU 32/64/128/256 with pooling, GAP")
-def cnn_small(num_classes, image_size):
-    return build_layers(PRESETS["cnn_small"], num_classes, image_size)
+for _name, (_size, _description) in PRESET_INFO.items():
+    _register_preset(_name, _size, _description)

@@ -65,14 +65,14 @@ class StopRequest:
 
 
 def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, device, epoch, *, start_step=0,
                     totals=(0.0, 0, 0), progress=True, dist: DistInfo = DistInfo(), stop: StopRequest | None = None,
-                    checkpoint_every: int = 0, checkpoint=None) -> dict:
+                    checkpoint_every: int = 0, checkpoint=None, scaler=None) -> dict:
     """One pass over `loader` (from wherever it was told to resume).
 
     Args:
@@ -80,6 +80,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         totals: (loss sum, correct, seen) carried over from the first part of a resumed epoch.
         stop: a StopRequest; when set, the epoch ends after the current step with status 'stopped'.
         checkpoint_every: call `checkpoint(step, totals)` every this many steps (0 = never).
+        scaler: a GradScaler for fp16 (None or disabled otherwise).
 
     Returns:
         {'status': 'ok' | 'diverged' | 'stopped', 'loss', 'accuracy', 'step', 'totals'}.
@@ -105,8 +106,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
             bar.close()
             return {"status": "diverged", "step": step, "loss": value}
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         n = y.numel()
         loss_sum += loss.item() * n
@@ -153,7 +159,8 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         model: the network (wrapped in DistributedDataParallel under torchrun).
         cfg: the training section of the config.
         run_dir: where history.csv, model.safetensors (best weights) and the checkpoint go.
-        precision: "fp32" or "bf16" (autocast).
+        precision: "fp32", "bf16" or "fp16" (autocast; fp16 with a GradScaler, whose scale restarts
+            on resume).
         class_weights: per-class loss weights, or None.
         resume: (tensors, meta) from `load_checkpoint`, to continue a stopped run.
         dist: this process's place in distributed training.
@@ -167,6 +174,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
     scheduler = build_scheduler(optimizer, cfg, len(loaders.train))
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device) if class_weights is not None else None,
                                     label_smoothing=cfg.label_smoothing)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     higher = cfg.monitor == "val_accuracy"
     p = {"epoch": 1, "step": 0, "totals": [0.0, 0, 0], "history": [], "best": -math.inf if higher else math.inf,
          "best_epoch": 0, "stale": 0, "train_seconds": 0.0, "run": run_info or {}}
@@ -201,7 +209,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             result = train_one_epoch(model, loaders.train, optimizer, scheduler, criterion, precision, device, epoch,
                                      start_step=p["step"], totals=tuple(p["totals"]), progress=progress and dist.main, dist=dist, stop=stop,
                                      checkpoint_every=cfg.checkpoint_steps,
-                                     checkpoint=lambda s, t, e=epoch: checkpoint(e, s, t))
+                                     checkpoint=lambda s, t, e=epoch: checkpoint(e, s, t), scaler=scaler)
             p["train_seconds"] += time.perf_counter() - start
             if result["status"] == "diverged":
                 status = "diverged"
