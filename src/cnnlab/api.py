@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from torch.nn.parallel import DistributedDataParallel
 
 from cnnlab.core.config import Config, config_to_dict, dump_config, load_config

@@ -29,10 +29,6 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official cifar-10-python
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-def is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
 def file_digest(path: Path, algo: str = "sha256") -> str:
     h = hashlib.new(algo)
     with open(path, "rb") as f:

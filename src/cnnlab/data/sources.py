@@ -21,7 +21,6 @@ from cnnlab.data.archives import (
     cifar_tar_to_folder,
     extract_archive,
     file_digest,
-    is_archive,
     is_cifar_python_archive,
     staged_folder,
 )

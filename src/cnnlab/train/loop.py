@@ -89,8 +89,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
 
     model.train()
     loss_sum, correct, seen = totals
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch", dynamic_ncols=True,
-               initial=start_step, total=len(loader))
+    # disable=None: a bar on a terminal, nothing when the output goes to a file or a pipe
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if progress else True, unit="batch",
+               dynamic_ncols=True, initial=start_step, total=len(loader))
     step = start_step - 1
     for step, (x, y, _) in enumerate(bar, start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
