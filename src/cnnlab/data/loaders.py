@@ -231,44 +231,37 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
         raise UserError("the split has no validation images; use more data or a larger data.val_fraction")
     if not split.of("test"):
         raise UserError("the split has no test images; use more data or a larger data.test_fraction")
-    rejected = []
+    rejected, parts = [], {}  # split -> (source, labels, paths)
     if kind == "memory":
         rows = list(split.rows)
         images, errors = cached_arrays(root, rows, size, workers, log)
         rejected = [(r.path, e) for r, e in zip(rows, errors) if e]
         ok = np.array([not e for e in errors], dtype=bool)
         x_all = torch.from_numpy(images)
-        parts = {}
         for s in ("train", "val", "test"):
-            sel = np.array([r.split == s for r in rows]) & ok
-            idx = torch.from_numpy(np.flatnonzero(sel))
-            parts[s] = (x_all[idx], torch.tensor([class_index[rows[i].label] for i in idx.tolist()], dtype=torch.long),
-                        [rows[i].path for i in idx.tolist()])
+            idx = np.flatnonzero(np.array([r.split == s for r in rows]) & ok).tolist()
+            parts[s] = (MemorySource(x_all[idx]), torch.tensor([class_index[rows[i].label] for i in idx]),
+                        [rows[i].path for i in idx])
         if len(parts["train"][1]) == 0:
             raise UserError("no training image could be decoded; run `cnnlab audit` on the data")
-        mean, std = mean_std or _mean_std(parts["train"][0])
-
-        def make(s, train):
-            x, y, paths = parts[s]
-            shard = (rank, world) if s != "test" else (0, 1)  # rank 0 predicts the whole test split
-            return Loader(MemorySource(x), y, paths, batch_size if train else eval_batch_size, mean, std,
-                          train=train, augment=augment, pad=pad, seed=seed, rank=shard[0], world=shard[1])
-
-        return Loaders(make("train", True), make("val", False), make("test", False), classes, mean, std, size,
-                       kind, rejected)
-    if mean_std is None:
-        probe_rows = split.of("train")[:: max(1, len(split.of("train")) // 2000)]
-        probe, _ = decode_all(root, [r.path for r in probe_rows], size, workers)
-        mean, std = _mean_std(torch.from_numpy(probe))
+        mean, std = mean_std or _mean_std(parts["train"][0].x)
     else:
+        for s in ("train", "val", "test"):
+            rows = split.of(s)
+            parts[s] = (FileSource(root, rows, size, workers), torch.tensor([class_index[r.label] for r in rows]),
+                        [r.path for r in rows])
+        if mean_std is None:
+            train_rows = split.of("train")
+            probe, errors = decode_all(root, [r.path for r in train_rows[:: max(1, len(train_rows) // 2000)]], size,
+                                       workers)
+            mean_std = _mean_std(torch.from_numpy(probe[[not e for e in errors]]))
         mean, std = mean_std
 
-    def stream(s, train):
-        rows = split.of(s)
-        y = torch.tensor([class_index[r.label] for r in rows], dtype=torch.long)
-        shard = (rank, world) if s != "test" else (0, 1)
-        return Loader(FileSource(root, rows, size, workers), y, [r.path for r in rows],
-                      batch_size if train else eval_batch_size, mean, std, train=train, augment=augment, pad=pad,
-                      seed=seed, rank=shard[0], world=shard[1])
+    def make(s, train):
+        source, y, paths = parts[s]
+        shard = (rank, world) if s != "test" else (0, 1)  # rank 0 predicts the whole test split
+        return Loader(source, y, paths, batch_size if train else eval_batch_size, mean, std, train=train,
+                      augment=augment, pad=pad, seed=seed, rank=shard[0], world=shard[1])
 
-    return Loaders(stream("train", True), stream("val", False), stream("test", False), classes, mean, std, size, kind)
+    return Loaders(make("train", True), make("val", False), make("test", False), classes, mean, std, size, kind,
+                   rejected)
