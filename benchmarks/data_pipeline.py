@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import update_section  # noqa: E402
+from results import SHARED_CIFAR10, update_section  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/cifar10"))
+    ap.add_argument("--data", default=str(SHARED_CIFAR10))
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     os.environ["CNNLAB_CACHE"] = tempfile.mkdtemp(prefix="cnnlab-bench-")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import update_section  # noqa: E402
+from results import SHARED_CIFAR10, update_section  # noqa: E402
 
 REPORT = {2.5e-4: 74.14, 1e-4: 61.56, 1e-3: 66.19, 1e-2: 21.49, 1e-1: 10.54}  # test accuracy, %
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def main() -> None:
     for lr in lrs:
         cfg = load_config(ROOT / "configs" / "report000.yaml",
                           {"train": {"lr": lr, "epochs": args.epochs}, "out": args.out,
-                           "data": {"path": str(ROOT.parent / "shared" / "data" / "cifar10")}}, args.set)
+                           "data": {"path": str(SHARED_CIFAR10)}}, args.set)
         runs.append(api.train(cfg, progress=False))
     lines = ["| lr | report 000 test accuracy | cnnlab test accuracy | status | best epoch / epochs run | "
              "macro F1 | training time | s per epoch | run |", "|---|---|---|---|---|---|---|---|---|"]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"  # read in place
 HEADER = "# Benchmark results\n\nEach section is written by the benchmark named in it; rerun its command to refresh it.\n"
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import update_section  # noqa: E402
+from results import SHARED_CIFAR10, update_section  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -92,7 +92,7 @@ def forever(loader):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/cifar10"))
+    ap.add_argument("--data", default=str(SHARED_CIFAR10))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--models", nargs="+", default=["report000_cnn", "report003_cnn"])
     ap.add_argument("--no-epoch", action="store_true", help="skip the whole-epoch comparison")

@@ -23,14 +23,14 @@ from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write
 from cnnlab.data.decode import DecodeError
 from cnnlab.data.loaders import FileSource, Loader, make_loaders
 from cnnlab.data.sources import default_data, require_trainable, resolve_data, scan_folder
-from cnnlab.data.splits import Split, load_split, make_split, manifest_hash, save_split
+from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, save_split
 from cnnlab.evaluate.evaluation import write_evaluation
 from cnnlab.evaluate.plots import plot_curves
 from cnnlab.evaluate.predict import Predictor, predict_loader
 from cnnlab.evaluate.run_report import write_run_report
 from cnnlab.models import create_model, get_entry
 from cnnlab.models.checkpoint import load_model, save_model
-from cnnlab.models.summary import format_summary, summarize
+from cnnlab.models.summary import count_params, format_summary, summarize
 from cnnlab.train.checkpoints import load_checkpoint
 from cnnlab.train.distributed import barrier, broadcast, cleanup, device_for, setup
 from cnnlab.train.loop import HISTORY_COLUMNS, fit
@@ -202,9 +202,10 @@ def _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, 
     """Evaluate the best weights on the test split; write summary.json, the plots and the report."""
     if not result.history:
         write_csv(run_dir / "history.csv", HISTORY_COLUMNS, [])
+    params_total, params_trainable = count_params(model)
     summary = {"status": result.status, "message": result.message,
-               "model": {"name": meta["model_name"], "params_total": sum(p.numel() for p in model.parameters()),
-                         "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+               "model": {"name": meta["model_name"], "params_total": params_total,
+                         "params_trainable": params_trainable},
                "classes": list(split.classes), "best_epoch": result.best_epoch, "precision": precision,
                "data": {"root": str(root), "image_size": meta["image_size"], "split_sha256": meta["split_sha256"],
                         "counts": split.counts(), "rejected": len(loaders.rejected)},
@@ -212,7 +213,7 @@ def _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, 
                "time": {"train_seconds": result.train_seconds,
                         "epoch_seconds": [r["seconds"] for r in result.history]}}
     if result.history:
-        save_figure_curves(result.history, run_dir, meta["model_name"])
+        _plot_curves(result.history, run_dir, meta["model_name"])
     if result.best_epoch and result.status != "interrupted":
         save_model(model, run_dir, meta)
         preds = predict_loader(model, loaders.test, split.classes, device)
@@ -231,7 +232,7 @@ def _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, 
     tee(f"status: {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""))
 
 
-def save_figure_curves(history, run_dir: Path, name: str) -> None:
+def _plot_curves(history, run_dir: Path, name: str) -> None:
     from cnnlab.core.figures import save_figure
 
     save_figure(plot_curves(history, title=name), run_dir / "curves.png")
@@ -261,8 +262,6 @@ def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
         if not scan.items:
             raise UserError(f"no images found in {root}")
         items = [i for i in scan.items if i.split == "test"] or list(scan.items)
-        from cnnlab.data.splits import Row
-
         split = Split(tuple(Row(i.path, i.label, "test", "") for i in items), classes)
     else:
         root, line = Path(cfg_raw["data"]["root"]), f"data: the run's test split in {cfg_raw['data']['root']}"

@@ -98,10 +98,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         with autocast(precision, device):
             logits = model(x)
             loss = criterion(logits.float(), y)
-        value = loss.item()
+        local = value = loss.item()
         stopping = bool(stop and stop.requested)
         if dist.active:  # every rank must agree to stop or to diverge at the same step
-            value, flag = all_sum([value, float(stopping)], dist, device)
+            value, flag = all_sum([local, float(stopping)], dist, device)
             value, stopping = value / dist.world, flag > 0
         if not math.isfinite(value):
             bar.close()
@@ -116,7 +116,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
             optimizer.step()
         scheduler.step()
         n = y.numel()
-        loss_sum += loss.item() * n
+        loss_sum += local * n
         correct += (logits.argmax(1) == y).sum().item()
         seen += n
         if step % 10 == 0:
