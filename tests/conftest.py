@@ -19,6 +19,7 @@ def private_cache(tmp_path_factory):
     old = os.environ.get("CNNLAB_CACHE")
     os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cnnlab-cache"))
     os.environ["MPLBACKEND"] = "Agg"
+    os.environ["CNNLAB_OFFLINE"] = "1"  # tests never download weights or data
     yield
     if old is None:
         os.environ.pop("CNNLAB_CACHE", None)

@@ -30,10 +30,14 @@ from cnnlab.evaluate.predict import Predictor, predict_loader
 from cnnlab.evaluate.run_report import write_run_report
 from cnnlab.models import create_model, get_entry
 from cnnlab.models.checkpoint import load_model, save_model
+from cnnlab.models.pretrained import is_transfer_name, pretrained_preprocessing
 from cnnlab.models.summary import count_params, format_summary, summarize
+from cnnlab.models.weights import find_weights, load_backbone
 from cnnlab.train.checkpoints import load_checkpoint
 from cnnlab.train.distributed import barrier, broadcast, cleanup, device_for, setup
-from cnnlab.train.loop import HISTORY_COLUMNS, fit
+from cnnlab.train.features import feature_loaders
+from cnnlab.train.loop import HISTORY_COLUMNS, FitResult, fit
+from cnnlab.train.phases import plan_phases
 
 DEFAULT_MODEL = "cnn_small"
 
@@ -115,26 +119,45 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         log(f"warning: {w}")
     if resume:
         split = load_split(run_dir / "split.csv", scan)
-    elif cfg.data.split_file:
-        split = load_split(cfg.data.split_file, scan)
+    elif cfg.data.split_file or cfg.model.init:
+        split = load_split(cfg.data.split_file or Path(cfg.model.init) / "split.csv", scan)
     else:
         split = make_split(scan, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                            seed=cfg.data.split_seed, limit_per_class=cfg.data.limit_per_class)
     if split.dropped:
         log(f"leakage: left out {len(split.dropped)} training files whose bytes also appear in val/test")
     name = cfg.model.name or DEFAULT_MODEL
-    size = cfg.data.image_size or get_entry(name).default_size
+    transfer = is_transfer_name(name)
     model_args = {"layers": list(cfg.model.layers)} if name == "custom" else {}
     if cfg.model.layers and name != "custom":
         raise UserError(f"model.layers is only read by model 'custom', not {name!r}; set model.name: custom")
+    phases = plan_phases(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name)), transfer)
+    crop, mean_std = 1.0, None
+    if transfer:  # preprocessing from the backbone's pretrained config; small data is upscaled inside the model
+        prep = pretrained_preprocessing(name)
+        input_size = cfg.model.input_size or prep["input_size"]
+        size = cfg.data.image_size or input_size
+        crop = prep["crop"] if size >= input_size else 1.0
+        mean_std = (tuple(prep["mean"]), tuple(prep["std"]))
+        model_args = {"head": cfg.model.head, "hidden": cfg.model.head_hidden, "dropout": cfg.model.dropout,
+                      "bn": cfg.model.bn}
+    else:
+        size = cfg.data.image_size or get_entry(name).default_size
+        input_size = size
     if cfg.train.batch_size % dist.world:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must divide by the {dist.world} processes")
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    model = create_model(name, len(split.classes), size, **model_args)  # shape errors surface here
+    model = create_model(name, len(split.classes), input_size, **model_args)  # shape errors surface here
+    for ph in phases:
+        if isinstance(ph.unfreeze, int) and ph.unfreeze > len(model.blocks()):
+            raise UserError(f"train.unfreeze {ph.unfreeze}: {name} has {len(model.blocks())} blocks; "
+                            f"use at most {len(model.blocks())} or 'all'")
+    weights = _initial_weights(model, name, cfg, split, log) if transfer else {}
     model_text = format_summary(name, summarize(model, size), size)
     run_info = {"split_sha256": manifest_hash(split), "world": dist.world}
-    if checkpoint and checkpoint[1]["progress"].get("run") != run_info:
-        raise UserError(f"cannot resume {run_dir}: its checkpoint was made with {checkpoint[1]['progress'].get('run')}, "
+    saved_info = {k: checkpoint[1]["progress"].get("run", {}).get(k) for k in run_info} if checkpoint else run_info
+    if saved_info != run_info:
+        raise UserError(f"cannot resume {run_dir}: its checkpoint was made with {saved_info}, "
                         f"now {run_info} (different data split or number of processes)")
 
     device = device_for(dist)
@@ -142,7 +165,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     precision = resolve_precision(cfg.train.precision, device)
     resolved = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, path=str(root), image_size=size),
-        model=dataclasses.replace(cfg.model, name=name))
+        model=dataclasses.replace(cfg.model, name=name, input_size=input_size if transfer else 0))
     if not resume:
         run_dir = broadcast(new_run_dir(cfg.out, name, cfg.tag) if dist.main else None, dist)
     log_file = open(run_dir / "log.txt", "a", buffering=1) if dist.main else None
@@ -165,7 +188,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         loaders = make_loaders(root, split, size, cfg.train.batch_size // dist.world, cfg.train.eval_batch_size,
                                loader=cfg.data.loader, memory_cap_mb=cfg.data.memory_cap_mb, augment=cfg.data.augment,
                                pad=cfg.data.crop_padding, seed=cfg.train.seed, workers=cfg.data.workers,
-                               rank=dist.rank, world=dist.world, log=tee)
+                               mean_std=mean_std, crop=crop, rank=dist.rank, world=dist.world, log=tee)
         if dist.main:
             barrier(dist)
         if loaders.rejected:
@@ -176,16 +199,19 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
             f"{len(split.classes)} classes, {size}x{size} px, {loaders.kind} loader, {precision}, {threads} threads"
             + (f", {dist.world} processes" if dist.active else ""))
         meta = {"model_name": name, "model_args": model_args, "classes": list(split.classes), "image_size": size,
-                "mean": list(loaders.mean), "std": list(loaders.std),
-                "preprocessing": "decode (EXIF, RGB) -> shorter side to image_size, centre crop -> (x/255-mean)/std",
-                "split_sha256": run_info["split_sha256"]}
+                "input_size": input_size, "crop": crop, "mean": list(loaders.mean), "std": list(loaders.std),
+                "preprocessing": "decode (EXIF, RGB) -> shorter side to image_size / crop, centre crop -> "
+                                 "(x/255-mean)/std" + (f" -> resized to {input_size} inside the model"
+                                                       if input_size != size else ""),
+                "split_sha256": run_info["split_sha256"], **weights}
         model = model.to(device).to(memory_format=torch.channels_last)
-        net = DistributedDataParallel(model) if dist.active else model
-        result = fit(net, loaders, cfg.train, run_dir, device=device, precision=precision,
-                     class_weights=_class_weights(split) if cfg.train.class_weights == "balanced" else None,
-                     log=tee, progress=progress, resume=checkpoint, dist=dist, run_info=run_info)
+        result, phase_records, evaluator = _run_phases(
+            model, phases, loaders, cfg, run_dir, meta, device=device, precision=precision, threads=threads,
+            class_weights=_class_weights(split) if cfg.train.class_weights == "balanced" else None,
+            log=tee, progress=progress, checkpoint=checkpoint, dist=dist, run_info=run_info)
         if dist.main:
-            _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, device, tee)
+            _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, device, tee,
+                    phase_records, evaluator)
         barrier(dist)
     finally:
         if log_file:
@@ -198,14 +224,109 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, device, tee) -> None:
-    """Evaluate the best weights on the test split; write summary.json, the plots and the report."""
+def _initial_weights(model, name: str, cfg: Config, split: Split, log) -> dict:
+    """Load the backbone's starting weights (a run with --from, or ImageNet weights); return their record."""
+    m = cfg.model
+    if m.init:
+        run = find_run(m.init)
+        _, meta = load_model(run)
+        if meta["model_name"] != name or list(meta["classes"]) != list(split.classes):
+            raise UserError(f"--from {run}: that run trained {meta['model_name']} on classes {meta['classes']}; "
+                            f"this run wants {name} on {list(split.classes)}")
+        if meta.get("model_args") != {"head": m.head, "hidden": m.head_hidden, "dropout": m.dropout, "bn": m.bn}:
+            raise UserError(f"--from {run}: its head settings {meta.get('model_args')} differ from this config's")
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(run / "model.safetensors")))
+        log(f"weights: from run {run}")
+        return {"init_run": str(run), "weights_sha256": meta.get("weights_sha256", ""),
+                "weights_source": f"run {run}"}
+    if not (m.pretrained or m.weights):
+        return {"weights_sha256": "", "weights_source": "random initialisation"}
+    w = find_weights(name, m.weights)
+    load_backbone(model, w.state, name)
+    log(f"weights: {w.source} (sha256 {w.sha256[:12]})")
+    return {"weights_sha256": w.sha256, "weights_source": w.source}
+
+
+def _run_phases(model, phases, loaders, cfg, run_dir, meta, *, device, precision, threads, class_weights, log,
+                progress, checkpoint, dist, run_info):
+    """Run each phase's fit; a resumed run skips the phases it finished. Returns the combined result."""
+    done = load_json(run_dir / "phases.json") if (run_dir / "phases.json").is_file() else []
+    rows = [r for d in done for r in d["history"]]
+    result, evaluator = None, (model, loaders.test)
+    for ph in phases:
+        if any(d["name"] == ph.name for d in done):
+            continue
+        if done:  # continue from the weights the finished phases left
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+        if ph.unfreeze is not None:
+            model.set_trainable(ph.unfreeze)
+        total, trainable = count_params(model)
+        log(f"phase {ph.name}: lr {ph.train.lr:g}, {ph.train.epochs} epochs, "
+            f"{trainable:,} of {total:,} parameters trainable")
+        resume = checkpoint if checkpoint and checkpoint[1]["progress"]["run"].get("phase", "scratch") == ph.name \
+            else None
+        features = None
+        if ph.cached and not dist.active:
+            ld, features = feature_loaders(model, loaders, views=cfg.train.feature_views,
+                                           engine=cfg.train.feature_engine, batch_size=ph.train.batch_size,
+                                           eval_batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed,
+                                           threads=threads, log=log)
+            net, best_file, evaluator = model.head, "head.safetensors", (model.head, ld.test)
+        else:
+            ld, best_file, evaluator = loaders, "model.safetensors", (model, loaders.test)
+            net = DistributedDataParallel(model) if dist.active else model
+        result = fit(net, ld, ph.train, run_dir, device=device, precision=precision, class_weights=class_weights,
+                     log=log, progress=progress, resume=resume, dist=dist, run_info={**run_info, "phase": ph.name},
+                     phase=ph.name, earlier=rows, best_file=best_file)
+        seconds = result.train_seconds + (features["seconds"] if features else 0.0)
+        record = {"name": ph.name, "lr": ph.train.lr, "epochs": len(result.history), "status": result.status,
+                  "best_epoch": result.best_epoch, "train_seconds": round(seconds, 3),
+                  "params_total": total, "params_trainable": trainable, "features": features,
+                  "history": result.history}
+        if result.best_epoch == 0 and done:  # nothing better than the earlier phase: keep its weights
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+            evaluator = (model, loaders.test)
+        if result.status not in ("completed", "early_stopped"):
+            done.append(record)
+            break
+        done.append(record)
+        if dist.main:
+            save_model(model, run_dir, meta)  # the full model after this phase
+            save_json(run_dir / "phases.json", done)
+        rows = rows + result.history
+    last = done[-1]
+    history = [r for d in done for r in d["history"]]
+    best = 0
+    for d in reversed(done):  # the best epoch of the last phase that found one, counted over all phases
+        if d["best_epoch"]:
+            best = sum(len(e["history"]) for e in done[:done.index(d)]) + d["best_epoch"]
+            break
+    combined = FitResult(history, best, last["status"], round(sum(d["train_seconds"] for d in done), 3),
+                         result.message if result else "")
+    return combined, done, evaluator
+
+
+def _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, device, tee, phases,
+            evaluator) -> None:
+    """Evaluate the best weights on the test split; write summary.json, the plots and the report.
+
+    `evaluator` is (module, test loader): the full model on images, or the head on cached features.
+    """
     if not result.history:
         write_csv(run_dir / "history.csv", HISTORY_COLUMNS, [])
     params_total, params_trainable = count_params(model)
     summary = {"status": result.status, "message": result.message,
                "model": {"name": meta["model_name"], "params_total": params_total,
-                         "params_trainable": params_trainable},
+                         "params_trainable": params_trainable, "input_size": getattr(model, "input_size", None),
+                         "weights_sha256": meta.get("weights_sha256", ""),
+                         "weights_source": meta.get("weights_source", "random initialisation")},
+               "phases": [{k: v for k, v in d.items() if k != "history"} for d in phases],
                "classes": list(split.classes), "best_epoch": result.best_epoch, "precision": precision,
                "data": {"root": str(root), "image_size": meta["image_size"], "split_sha256": meta["split_sha256"],
                         "counts": split.counts(), "rejected": len(loaders.rejected)},
@@ -216,7 +337,7 @@ def _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, 
         _plot_curves(result.history, run_dir, meta["model_name"])
     if result.best_epoch and result.status != "interrupted":
         save_model(model, run_dir, meta)
-        preds = predict_loader(model, loaders.test, split.classes, device)
+        preds = predict_loader(evaluator[0], evaluator[1], split.classes, device)
         summary["test"] = write_evaluation(preds, root, run_dir)
         best = result.history[result.best_epoch - 1]
         majority = max(np.bincount(loaders.val.y.numpy(), minlength=len(split.classes))) / max(1, len(loaders.val.y))
@@ -271,8 +392,8 @@ def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
     log(line)
     rows = list(split.rows)
     y = torch.tensor([classes.index(r.label) for r in rows], dtype=torch.long)
-    test = Loader(FileSource(root, rows, meta["image_size"], workers=0), y, [r.path for r in rows], 256,
-                  meta["mean"], meta["std"])
+    test = Loader(FileSource(root, rows, meta["image_size"], workers=0, crop=meta.get("crop", 1.0)), y,
+                  [r.path for r in rows], 64, meta["mean"], meta["std"])
     out = run_dir / "evaluations" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     metrics = write_evaluation(predict_loader(model, test, classes), root, out)

@@ -27,6 +27,16 @@ def _train_parser(sub) -> None:
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels")
     p.add_argument("--precision", help="auto | fp32 | bf16")
     p.add_argument("--split", help="reuse a split.csv from an earlier run")
+    g = p.add_argument_group("pretrained backbones (resnet18, efficientnet_lite0, timm:NAME, tv:NAME, ...)")
+    g.add_argument("--pretrained", action="store_true", default=None, help="start from ImageNet weights (found offline)")
+    g.add_argument("--weights", metavar="FILE", help="backbone weights: .safetensors or a .pth state dict")
+    g.add_argument("--from", dest="init", metavar="RUN", help="start from a trained run's model and split")
+    g.add_argument("--input-size", type=int, help="the backbone's input side (smaller images are upscaled)")
+    g.add_argument("--head", help="linear | mlp")
+    g.add_argument("--freeze", action="store_true", default=None, help="phase 1: train the new head only")
+    g.add_argument("--unfreeze", metavar="N|all", help="fine-tune the last N blocks (or all)")
+    g.add_argument("--finetune-lr", type=float, help="fine-tuning lr after --freeze (default lr/10)")
+    g.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after --freeze (default --epochs)")
     p.add_argument("--out", help="root folder for run folders (default runs/)")
     p.add_argument("--tag", help="suffix for the run folder's name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=0.01")
@@ -49,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("images", nargs="+")
     sub.add_parser("models", help="list the registered models")
+    p = sub.add_parser("weights", help="pretrained weights on this machine: list, or fetch for offline use")
+    wsub = p.add_subparsers(dest="weights_command", required=True, metavar="list|fetch")
+    wsub.add_parser("list", help="where each pretrained network's weights are found, or that they are not")
+    f = wsub.add_parser("fetch", help="download weights into the cnnlab cache (needs a network)")
+    f.add_argument("names", nargs="+")
     p = sub.add_parser("summary", help="per-layer table of a model with parameter counts")
     p.add_argument("model")
     p.add_argument("--image-size", type=int, default=0)
@@ -61,7 +76,11 @@ def _train_overrides(a) -> dict:
             ("train", "lr"): a.lr, ("train", "batch_size"): a.batch_size, ("train", "optimizer"): a.optimizer,
             ("data", "image_size"): a.image_size, ("train", "seed"): a.seed,
             ("train", "deterministic"): a.deterministic, ("train", "precision"): a.precision,
-            ("data", "split_file"): a.split, ("out",): a.out, ("tag",): a.tag}
+            ("data", "split_file"): a.split, ("out",): a.out, ("tag",): a.tag,
+            ("model", "pretrained"): a.pretrained, ("model", "weights"): a.weights, ("model", "init"): a.init,
+            ("model", "input_size"): a.input_size, ("model", "head"): a.head, ("train", "freeze"): a.freeze,
+            ("train", "unfreeze"): a.unfreeze, ("train", "finetune_lr"): a.finetune_lr,
+            ("train", "finetune_epochs"): a.finetune_epochs}
     out: dict = {}
     for keys, value in flat.items():
         if value is None:
@@ -110,6 +129,15 @@ def run(argv: list[str]) -> int:
         for name in list_models():
             e = get_entry(name)
             print(f"{name:<16} {e.default_size:>4}px  {e.description}")
+    elif args.command == "weights":
+        from cnnlab.models import weights
+
+        if args.weights_command == "list":
+            for name, where in weights.available():
+                print(f"{name:<20} {where}")
+        else:
+            for name in args.names:
+                print(f"{name}: {weights.fetch(name)}")
     elif args.command == "summary":
         print(api.summary(args.model, args.image_size, args.num_classes))
     return 0

@@ -40,6 +40,15 @@ class DataConfig:
 class ModelConfig:
     name: str = ""  # a registry name (`cnnlab models`); "" picks the default for the data
     layers: tuple[Any, ...] = ()  # layer list for name "custom" (see models/layers.py)
+    # pretrained backbones (resnet18, efficientnet_lite0, timm:NAME, tv:NAME, ...; models/pretrained.py)
+    pretrained: bool = False  # load ImageNet weights (found offline; models/weights.py)
+    weights: str = ""  # an explicit .safetensors / .pth state dict for the backbone (implies pretrained)
+    init: str = ""  # start from this run folder's trained model (e.g. fine-tune a frozen run)
+    input_size: int = 0  # the backbone's input side; 0 = its pretrained size. Smaller images are upscaled inside
+    head: str = "linear"  # linear | mlp (GAP -> Dense(head_hidden, relu) -> Dropout -> Dense, as the reports)
+    head_hidden: int = 256
+    dropout: float = 0.0  # before the last layer of the head
+    bn: str = "frozen"  # frozen: backbone BatchNorm stays in inference mode | train: unfrozen blocks' BN update
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,14 @@ class TrainConfig:
     threads: int = 0  # intra-op threads; 0 = all cores
     eval_batch_size: int = 512
     checkpoint_steps: int = 0  # also checkpoint every this many steps inside an epoch; 0 = at epoch ends only
+    # two phases for pretrained backbones: frozen (train.lr, train.epochs), then fine-tuning
+    freeze: bool = False  # phase 1: backbone frozen, only the new head trains
+    unfreeze: str = ""  # fine-tune the last N blocks or "all"; "" = no fine-tuning after a frozen phase
+    finetune_lr: float = 0.0  # fine-tuning learning rate after a frozen phase; 0 = train.lr / 10
+    finetune_epochs: int = 0  # 0 = train.epochs
+    feature_cache: bool = True  # frozen phase: compute backbone features once and train the head on them
+    feature_views: int = 2  # cached training views per image: 1 (as is) or 2 (plus its mirror image)
+    feature_engine: str = "auto"  # auto (ONNX Runtime when it agrees with PyTorch) | onnx | torch
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,9 @@ CHOICES = {
     "train.class_weights": ("none", "balanced"),
     "train.monitor": ("val_loss", "val_accuracy"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.feature_engine": ("auto", "onnx", "torch"),
+    "model.head": ("linear", "mlp"),
+    "model.bn": ("frozen", "train"),
 }
 AUGMENTATIONS = ("crop", "flip", "cutout", "jitter")
 
@@ -178,6 +198,13 @@ def validate(cfg: Config) -> Config:
         (d.limit_per_class >= 0, "data.limit_per_class must not be negative"),
         (d.memory_cap_mb >= 1, "data.memory_cap_mb must be at least 1"),
         (d.workers >= 0, "data.workers must not be negative"),
+        (t.unfreeze in ("", "all") or t.unfreeze.isdigit(), "train.unfreeze must be a number of blocks or 'all'"),
+        (t.finetune_lr >= 0, "train.finetune_lr must not be negative (0 = train.lr / 10)"),
+        (t.finetune_epochs >= 0, "train.finetune_epochs must not be negative (0 = train.epochs)"),
+        (t.feature_views in (1, 2), "train.feature_views must be 1 or 2"),
+        (cfg.model.input_size >= 0, "model.input_size must not be negative (0 = the backbone's own)"),
+        (cfg.model.head_hidden >= 1, "model.head_hidden must be at least 1"),
+        (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:

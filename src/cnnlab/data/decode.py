@@ -113,19 +113,24 @@ def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
-def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """The resize policy: scale the shorter side to `size` (antialiased), then centre-crop."""
+def fit_square(img: Image.Image, size: int, crop: float = 1.0) -> Image.Image:
+    """The resize policy: scale the shorter side to `size / crop` (antialiased), then centre-crop `size`.
+
+    `crop` below 1 is the pretrained networks' evaluation crop (timm's crop_pct, 0.875 = resize to
+    256 and cut the central 224).
+    """
     w, h = img.size
     if (w, h) == (size, size):
         return img
-    scale = size / min(w, h)
+    short = max(size, round(size / crop))
+    scale = short / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
     left, top = (nw - size) // 2, (nh - size) // 2
     return img.crop((left, top, left + size, top + size))
 
 
-def load_array(source: bytes | str | Path, size: int) -> np.ndarray:
+def load_array(source: bytes | str | Path, size: int, crop: float = 1.0) -> np.ndarray:
     """Decode and fit one image: uint8 array (3, size, size), the model's input before scaling."""
-    img = fit_square(decode_image(source).image, size)
+    img = fit_square(decode_image(source).image, size, crop)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()

@@ -31,13 +31,13 @@ from cnnlab.data.splits import Row, Split
 CACHE_VERSION = "1"  # bump when decoding or resizing changes, so old caches are not reused
 
 
-def _decode_chunk(args: tuple[str, list[str], int]) -> tuple[np.ndarray, list[str]]:
-    root, paths, size = args
+def _decode_chunk(args: tuple[str, list[str], int, float]) -> tuple[np.ndarray, list[str]]:
+    root, paths, size, crop = args
     out = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
     errors = []
     for k, p in enumerate(paths):
         try:
-            out[k] = load_array(Path(root) / p, size)
+            out[k] = load_array(Path(root) / p, size, crop)
             errors.append("")
         except DecodeError as e:
             errors.append(str(e))
@@ -46,10 +46,10 @@ def _decode_chunk(args: tuple[str, list[str], int]) -> tuple[np.ndarray, list[st
     return out, errors
 
 
-def decode_all(root: Path, paths: list[str], size: int, workers: int) -> tuple[np.ndarray, list[str]]:
+def decode_all(root: Path, paths: list[str], size: int, workers: int, crop: float = 1.0) -> tuple[np.ndarray, list[str]]:
     """Decode `paths` in parallel: (N, 3, size, size) uint8 and one error string per file ('' = ok)."""
     chunk = max(64, math.ceil(len(paths) / max(1, workers * 8)))
-    jobs = [(str(root), paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
+    jobs = [(str(root), paths[i:i + chunk], size, crop) for i in range(0, len(paths), chunk)]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
             parts = list(pool.map(_decode_chunk, jobs))
@@ -60,9 +60,10 @@ def decode_all(root: Path, paths: list[str], size: int, workers: int) -> tuple[n
     return np.concatenate([p[0] for p in parts]), [e for p in parts for e in p[1]]
 
 
-def cached_arrays(root: Path, rows: list[Row], size: int, workers: int, log=print) -> tuple[np.ndarray, list[str]]:
+def cached_arrays(root: Path, rows: list[Row], size: int, workers: int, log=print,
+                  crop: float = 1.0) -> tuple[np.ndarray, list[str]]:
     """Images for `rows` from the content-keyed cache, decoding (and saving) on a miss."""
-    key = hashlib.sha256(f"v{CACHE_VERSION}|{size}|".encode())
+    key = hashlib.sha256(f"v{CACHE_VERSION}|{size}|".encode() + (f"crop{crop}|".encode() if crop != 1 else b""))
     for r in sorted(rows, key=lambda r: r.path):
         key.update(f"{r.path}\t{r.sha256}\n".encode())
     folder = cache_dir() / "tensors" / key.hexdigest()[:24]
@@ -72,7 +73,7 @@ def cached_arrays(root: Path, rows: list[Row], size: int, workers: int, log=prin
         errors = json.loads((folder / "errors.json").read_text())
     else:
         log(f"decoding {len(rows):,} images at {size}x{size} into the cache (once) ...")
-        images, errors = decode_all(root, [rows[i].path for i in order], size, workers)
+        images, errors = decode_all(root, [rows[i].path for i in order], size, workers, crop)
         tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -139,7 +140,8 @@ class Loader:
         for x8, idx in self.source.batches(batches):
             if len(idx) == 0:
                 continue
-            xb = to_model_input(x8, self.mean, self.std)
+            # mean None: the source already holds model input (cached backbone features)
+            xb = to_model_input(x8, self.mean, self.std) if self.mean is not None else x8
             if self.train and self.augment:
                 xb = augment_batch(xb, self.augment, self.pad, g)
             yield xb, self.y[idx], idx
@@ -157,15 +159,15 @@ class MemorySource:
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, root: Path, rows: list[Row], size: int):
-        self.root, self.rows, self.size = root, rows, size
+    def __init__(self, root: Path, rows: list[Row], size: int, crop: float):
+        self.root, self.rows, self.size, self.crop = root, rows, size, crop
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
         try:
-            return torch.from_numpy(load_array(self.root / self.rows[i].path, self.size)), i
+            return torch.from_numpy(load_array(self.root / self.rows[i].path, self.size, self.crop)), i
         except (DecodeError, OSError):
             return None, i  # a file that fails to decode is dropped from its batch
 
@@ -180,8 +182,8 @@ def _collate(batch):
 class FileSource:
     """Images decoded from files per batch in DataLoader worker processes."""
 
-    def __init__(self, root: Path, rows: list[Row], size: int, workers: int):
-        self.dataset, self.workers = _FileDataset(root, rows, size), workers
+    def __init__(self, root: Path, rows: list[Row], size: int, workers: int, crop: float = 1.0):
+        self.dataset, self.workers = _FileDataset(root, rows, size, crop), workers
 
     def batches(self, index_lists):
         lists = [idx.tolist() for idx in index_lists]
@@ -212,13 +214,14 @@ def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batch_size: int, *, loader="auto",
-                 memory_cap_mb=4096, augment=(), pad=4, seed=0, workers=2, mean_std=None, rank=0, world=1,
-                 log=print) -> Loaders:
+                 memory_cap_mb=4096, augment=(), pad=4, seed=0, workers=2, mean_std=None, crop=1.0, rank=0,
+                 world=1, log=print) -> Loaders:
     """Build train/val/test loaders for a split at `size` x `size` pixels.
 
     Args:
         mean_std: fixed (mean, std) normalisation, e.g. a pretrained backbone's; None computes
             it from the training images.
+        crop: centre-crop fraction of the decode (a pretrained backbone's crop_pct; 1 = none).
         rank, world: this process's shard of train and val under distributed training.
     """
     classes = split.classes
@@ -234,7 +237,7 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
     rejected, parts = [], {}  # split -> (source, labels, paths)
     if kind == "memory":
         rows = list(split.rows)
-        images, errors = cached_arrays(root, rows, size, workers, log)
+        images, errors = cached_arrays(root, rows, size, workers, log, crop)
         rejected = [(r.path, e) for r, e in zip(rows, errors) if e]
         ok = np.array([not e for e in errors], dtype=bool)
         x_all = torch.from_numpy(images)
@@ -248,12 +251,12 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
     else:
         for s in ("train", "val", "test"):
             rows = split.of(s)
-            parts[s] = (FileSource(root, rows, size, workers), torch.tensor([class_index[r.label] for r in rows]),
+            parts[s] = (FileSource(root, rows, size, workers, crop), torch.tensor([class_index[r.label] for r in rows]),
                         [r.path for r in rows])
         if mean_std is None:
             train_rows = split.of("train")
             probe, errors = decode_all(root, [r.path for r in train_rows[:: max(1, len(train_rows) // 2000)]], size,
-                                       workers)
+                                       workers, crop)
             mean_std = _mean_std(torch.from_numpy(probe[[not e for e in errors]]))
         mean, std = mean_std
 

@@ -8,13 +8,20 @@ from cnnlab.core.figures import pyplot
 
 
 def plot_curves(history: list[dict], title: str = ""):
-    """Loss and accuracy per epoch, train vs validation, side by side."""
+    """Loss and accuracy per epoch, train vs validation, side by side; phases (frozen, finetune) marked."""
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ep = [int(r["epoch"]) for r in history]
+    ep = list(range(1, len(history) + 1))  # epochs counted across phases
+    phases = [r.get("phase", "") for r in history]
+    starts = [i for i in range(len(phases)) if i == 0 or phases[i] != phases[i - 1]]
     for ax, key, label in ((a1, "loss", "loss"), (a2, "accuracy", "accuracy")):
         ax.plot(ep, [float(r[f"train_{key}"]) for r in history], "o-", ms=3, label="train")
         ax.plot(ep, [float(r[f"val_{key}"]) for r in history], "o-", ms=3, label="validation")
+        if len(starts) > 1 or phases[:1] not in ([""], ["scratch"]):
+            for i in starts:
+                ax.axvline(i + 0.5, color="grey", lw=0.8, ls="--")
+                ax.text(i + 0.6, 1.0, phases[i], transform=ax.get_xaxis_transform(), va="top", fontsize=8,
+                        color="grey")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

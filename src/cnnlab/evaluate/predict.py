@@ -60,7 +60,7 @@ class Predictor:
         return cls(model, meta)
 
     def preprocess(self, images) -> torch.Tensor:
-        arrays = np.stack([load_array(im, self.image_size) for im in images])
+        arrays = np.stack([load_array(im, self.image_size, self.meta.get("crop", 1.0)) for im in images])
         return to_model_input(torch.from_numpy(arrays), self.mean, self.std)
 
     @torch.no_grad()

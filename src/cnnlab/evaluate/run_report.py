@@ -35,9 +35,19 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
            ["best epoch", str(summary.get("best_epoch", ""))],
            ["training time (s)", _fmt(summary.get("time", {}).get("train_seconds"))],
            ["precision", str(summary.get("precision", ""))], ["data", str(summary.get("data", {}).get("root", ""))]]
+    if model.get("weights_source"):
+        run.append(["starting weights", f"{model['weights_source']}"
+                    + (f" (sha256 {model['weights_sha256'][:16]})" if model.get("weights_sha256") else "")])
     if summary.get("message"):
         run.append(["note", summary["message"]])
-    return [("Run", ["", ""], run), ("Test metrics", ["metric", "value"], metrics),
+    phases = [[d["name"], f"{d['lr']:g}", str(d["epochs"]), d["status"], f"{d['train_seconds']:.1f}",
+               f"{d['params_trainable']:,} / {d['params_total']:,}",
+               f"{d['features']['engine']}, {d['features']['seconds']:.1f} s" if d.get("features") else ""]
+              for d in summary.get("phases") or []]
+    return [("Run", ["", ""], run),
+            ("Phases", ["phase", "lr", "epochs", "status", "time (s)", "trainable / total parameters",
+                        "cached features"], phases if len(phases) > 1 or any(r[0] != "scratch" for r in phases) else []),
+            ("Test metrics", ["metric", "value"], metrics),
             ("Per class", ["class", "precision", "recall", "f1", "support"], per_class)]
 
 
@@ -59,7 +69,7 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     if history:
         cols = list(history[0])
         md += ["## History", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        md += ["| " + " | ".join(_fmt(float(r[c])) if c != "epoch" else r[c] for c in cols) + " |" for r in history] + [""]
+        md += ["| " + " | ".join(_fmt(float(r[c])) if c not in ("epoch", "phase") else r[c] for c in cols) + " |" for r in history] + [""]
     for fname, caption in FIGURES:
         if (run_dir / fname).is_file():
             md += [f"## {caption}", "", f"![{caption}]({fname})", ""]

@@ -33,7 +33,8 @@ def load_model(folder: str | Path, weights_name: str = "model.safetensors") -> t
     folder = Path(folder)
     try:
         meta = json.loads((folder / "model.json").read_text())
-        model = create_model(meta["model_name"], len(meta["classes"]), meta["image_size"], **meta.get("model_args", {}))
+        model = create_model(meta["model_name"], len(meta["classes"]), meta.get("input_size") or meta["image_size"],
+                             **meta.get("model_args", {}))
         state = load_file(str(folder / weights_name))
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"cannot load the model in {folder}: {type(e).__name__}: {e}") from None

@@ -1,7 +1,8 @@
 """The one model registry: `@register_model` fills a dict, `create_model` is the only builder.
 
 Entries are plain functions `fn(num_classes, image_size, **kwargs) -> nn.Module`, registered by
-the explicit imports in `models/__init__.py`. A duplicate name is a bug and raises.
+the explicit imports in `models/__init__.py`. A duplicate name is a bug and raises. Names of the
+form `timm:ARCH` / `tv:ARCH` are any timm or torchvision network (models/pretrained.py).
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ _MODELS: dict[str, ModelEntry] = {}
 
 def register_model(default_size: int, description: str):
     def wrap(fn):
-        name = fn.__name__
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = ModelEntry(name, fn, default_size, description)
+        add_entry(ModelEntry(fn.__name__, fn, default_size, description))
         return fn
 
     return wrap
+
+
+def add_entry(entry: ModelEntry) -> None:
+    if entry.name in _MODELS:
+        raise ValueError(f"model {entry.name!r} is registered twice")
+    _MODELS[entry.name] = entry
 
 
 def list_models() -> list[str]:
@@ -42,7 +46,13 @@ def list_models() -> list[str]:
 
 def get_entry(name: str) -> ModelEntry:
     if name not in _MODELS:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())} (see `cnnlab models`)")
+        from cnnlab.models.pretrained import dynamic_entry
+
+        entry = dynamic_entry(name)
+        if entry is None:
+            raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}, "
+                            "or timm:NAME / tv:NAME for any timm or torchvision network (see `cnnlab models`)")
+        return entry
     return _MODELS[name]
 
 

@@ -29,7 +29,7 @@ from cnnlab.train.checkpoints import restore_training, save_checkpoint
 from cnnlab.train.distributed import DistInfo, all_sum
 from cnnlab.train.optim import build_optimizer, build_scheduler
 
-HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"]
+HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "phase"]
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ def _finite(model: nn.Module) -> bool:
 
 def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: torch.device, precision: str,
         class_weights: torch.Tensor | None = None, log=print, progress=True, resume: tuple | None = None,
-        dist: DistInfo = DistInfo(), run_info: dict | None = None) -> FitResult:
+        dist: DistInfo = DistInfo(), run_info: dict | None = None, phase: str = "scratch", earlier: list = (),
+        best_file: str = "model.safetensors") -> FitResult:
     """Train `model` on `loaders.train`, validating on `loaders.val` each epoch.
 
     Args:
@@ -166,6 +167,9 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         resume: (tensors, meta) from `load_checkpoint`, to continue a stopped run.
         dist: this process's place in distributed training.
         run_info: stored in the checkpoint so a resume can check it continues the same run.
+        phase: this phase's name in history.csv (scratch | frozen | finetune).
+        earlier: history rows of the phases before this one, kept at the top of history.csv.
+        best_file: where the best weights of `model` go in the run folder.
 
     Returns:
         FitResult; the model holds the best epoch's weights afterwards.
@@ -190,7 +194,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         if p["best_epoch"]:
             from safetensors.torch import load_file
 
-            best_state = load_file(str(run_dir / "model.safetensors"))
+            best_state = load_file(str(run_dir / best_file))
         log(f"resumed at epoch {p['epoch']}, step {p['step']}")
 
     def checkpoint(epoch: int, step: int, totals) -> None:
@@ -224,14 +228,14 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 break
             val_loss, val_acc = validate(model, loaders.val, precision, device, dist)
             row = {"epoch": epoch, "lr": lr, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
-                   "val_loss": val_loss, "val_accuracy": val_acc, "seconds": 0.0}
+                   "val_loss": val_loss, "val_accuracy": val_acc, "seconds": 0.0, "phase": phase}
             metric = val_acc if higher else val_loss
             improved = (metric > p["best"]) if higher else (metric < p["best"])
             if improved and _finite(net):
                 p.update(best=metric, best_epoch=epoch, stale=0)
                 best_state = copy.deepcopy(net.state_dict())
                 if dist.main:
-                    save_weights(net, run_dir / "model.safetensors")
+                    save_weights(net, run_dir / best_file)
             else:
                 p["stale"] += 1
             row["seconds"] = round(time.perf_counter() - start, 3)
@@ -239,9 +243,9 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             p.update(step=0, totals=[0.0, 0, 0])
             if dist.main:
                 write_csv(run_dir / "history.csv", HISTORY_COLUMNS,
-                          ([r[c] for c in HISTORY_COLUMNS] for r in p["history"]))
+                          ([r[c] for c in HISTORY_COLUMNS] for r in [*earlier, *p["history"]]))
             checkpoint(epoch + 1, 0, (0.0, 0, 0))
-            log(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+            log(("" if phase == "scratch" else f"{phase} ") + f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
                 f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.3g}  {row['seconds']:.1f}s"
                 + ("  *" if improved else ""))
             if cfg.patience and p["stale"] >= cfg.patience:

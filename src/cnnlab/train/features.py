@@ -1,0 +1,165 @@
+"""Cached backbone features for the frozen phase: computed once per image and view, then the head
+trains on them in seconds instead of re-running the backbone every epoch.
+
+Extraction runs on the fastest engine that agrees with PyTorch: ONNX Runtime (the backbone
+exported at a fixed batch shape, which ORT runs several times faster than eager PyTorch runs
+depthwise convolutions on a CPU), checked against fp32 PyTorch on the first batch, with PyTorch
+as the fallback. Features are kept in the user cache under a key made of the backbone's weights,
+the preprocessing and the images' content hashes, so a second run (another head, another
+learning rate) skips extraction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from cnnlab.data.loaders import Loader, Loaders, MemorySource
+from cnnlab.data.sources import cache_dir
+
+AGREE_ATOL = 1e-3  # |ORT - PyTorch| allowed, relative to the features' scale
+BATCH = 64  # extraction batch: large enough for throughput, small enough for 224 px activations
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.features(x)
+
+
+class TorchEngine:
+    name = "pytorch"
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        return self.model.features(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+
+
+class OnnxEngine:
+    """The backbone in ONNX Runtime at a fixed batch size; short batches are padded."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model, batch: int, size: int, threads: int):
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        example = torch.zeros(batch, 3, size, size)
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Features(model.eval()), (example,), buf, input_names=["x"], output_names=["f"],
+                              dynamo=False, opset_version=17)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        self.batch = batch
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        n = len(x)
+        xb = x.contiguous().numpy()
+        if n < self.batch:
+            xb = np.concatenate([xb, np.zeros((self.batch - n, *xb.shape[1:]), xb.dtype)])
+        return self.session.run(None, {"x": xb})[0][:n]
+
+
+def make_engine(model, kind: str, batch: int, size: int, probe: torch.Tensor, threads: int, log=print):
+    """The engine `kind` asks for (auto = ONNX Runtime when it agrees with PyTorch on `probe`)."""
+    torch_engine = TorchEngine(model)
+    if kind == "torch":
+        return torch_engine
+    try:
+        engine = OnnxEngine(model, batch, size, threads)
+        fast, ref = engine(probe), torch_engine(probe)
+        err = float(np.abs(fast - ref).max())
+        scale = max(1.0, float(np.abs(ref).max()))
+        if err <= AGREE_ATOL * scale:
+            log(f"features: ONNX Runtime (agrees with PyTorch fp32 to {err:.1e} on {len(probe)} images)")
+            return engine
+        log(f"features: ONNX Runtime differs from PyTorch by {err:.2e}; using PyTorch")
+    except Exception as e:  # an export or runtime failure must never stop training: PyTorch still works
+        log(f"features: ONNX Runtime unavailable ({type(e).__name__}: {str(e)[:120]}); using PyTorch")
+    return torch_engine
+
+
+def _state_key(model) -> str:
+    h = hashlib.sha256()
+    for k, v in model.backbone.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _extract(engine, loader: Loader, flip: bool) -> np.ndarray:
+    parts = []
+    for x, _, _ in loader:
+        parts.append(engine(x.flip(3) if flip else x))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def feature_loaders(model, loaders: Loaders, *, views: int, engine: str, batch_size: int, eval_batch_size: int,
+                    seed: int, threads: int, log=print) -> tuple[Loaders, dict]:
+    """Loaders over cached features: train holds `views` rows per image (the image, then its mirror).
+
+    Returns the loaders and {'engine', 'seconds', 'images_per_second', 'cached'} for the record.
+    """
+    key = hashlib.sha256(f"{model.model_name}|{model.input_size}|{loaders.image_size}|{loaders.mean}|"
+                         f"{loaders.std}|{_state_key(model)}".encode())
+    plain = {s: getattr(loaders, s) for s in ("train", "val", "test")}
+    for s, ld in plain.items():
+        key.update(f"{s}:".encode() + "\n".join(ld.paths).encode())
+    folder = cache_dir() / "features" / key.hexdigest()[:24]
+    jobs = [("train", v) for v in range(views)] + [("val", 0), ("test", 0)]
+    record = {"engine": "cache", "seconds": 0.0, "images_per_second": 0.0, "cached": True}
+    feats = {}
+    if all((folder / f"{s}-{v}.npy").is_file() for s, v in jobs):
+        for s, v in jobs:
+            feats[s, v] = np.load(folder / f"{s}-{v}.npy", allow_pickle=False)
+        log(f"features: loaded from the cache {folder}")
+    else:
+        ordered = {s: Loader(ld.source, ld.y, ld.paths, BATCH, loaders.mean, loaders.std)
+                   for s, ld in plain.items()}
+        probe = next(iter(ordered["val"]))[0][:8]
+        eng = make_engine(model, engine, BATCH, loaders.image_size, probe, threads, log)
+        n = sum(len(ordered[s].y) for s, _ in jobs)
+        log(f"features: extracting {n:,} images x views with {eng.name} (once; cached) ...")
+        start = time.perf_counter()
+        for s, v in jobs:
+            feats[s, v] = _extract(eng, ordered[s], flip=v == 1)
+        seconds = time.perf_counter() - start
+        record = {"engine": eng.name, "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 1),
+                  "cached": False}
+        log(f"features: {n:,} in {seconds:.1f} s ({n / seconds:.0f} images/s)")
+        tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for (s, v), f in feats.items():
+            np.save(tmp / f"{s}-{v}.npy", f)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process wrote the same features first
+            pass
+
+    def make(s: str, train: bool) -> Loader:
+        ld = plain[s]
+        n_views = views if train else 1
+        x = torch.from_numpy(np.concatenate([feats[s, v] for v in range(n_views)]))
+        y = ld.y.repeat(n_views)
+        return Loader(MemorySource(x), y, list(ld.paths) * n_views, batch_size if train else eval_batch_size,
+                      None, None, train=train, seed=seed)
+
+    out = Loaders(make("train", True), make("val", False), make("test", False), loaders.classes, loaders.mean,
+                  loaders.std, loaders.image_size, "features", loaders.rejected)
+    return out, record
+

