@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files with a trained run; prints JSON")
     p.add_argument("run")
     p.add_argument("images", nargs="+")
+    p = sub.add_parser("export", help="write a deployable bundle: safetensors + ONNX + bundle.json with hashes")
+    p.add_argument("run")
+    p.add_argument("--out", help="bundle folder (default RUN/bundle)")
+    p.add_argument("--check", action="store_true", help="confirm the bundle's probabilities equal evaluation's")
+    p = sub.add_parser("serve", help="the upload-and-classify page and REST API for a run or bundle")
+    p.add_argument("path", metavar="RUN_OR_BUNDLE")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with the model loaded once")
+    p.add_argument("--threads", type=int, default=1, help="inference threads per worker")
+    p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"])
+    p.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body (413 above it)")
+    p.add_argument("--api-key", default="", help="require this X-API-Key header on /predict (for non-local hosts)")
     sub.add_parser("models", help="list the registered models")
     p = sub.add_parser("weights", help="pretrained weights on this machine: list, or fetch for offline use")
     wsub = p.add_subparsers(dest="weights_command", required=True, metavar="list|fetch")
@@ -129,6 +142,29 @@ def run(argv: list[str]) -> int:
         for name in list_models():
             e = get_entry(name)
             print(f"{name:<16} {e.default_size:>4}px  {e.description}")
+    elif args.command == "export":
+        from cnnlab.core.runs import find_run
+        from cnnlab.serve import bundle
+
+        folder = bundle.export(args.run, args.out)
+        if args.check:
+            err = bundle.check(folder, find_run(args.run))
+            if err > 1e-5:
+                print(f"cnnlab: error: the bundle's probabilities differ from evaluation's by {err:.2e} "
+                      "(over 1e-5)", file=sys.stderr)
+                return 1
+        print(f"bundle: {folder}")
+    elif args.command == "serve":
+        from cnnlab.serve import bundle
+        from cnnlab.serve.app import serve
+
+        path = Path(args.path)
+        if not (path / "bundle.json").is_file() and not (path / "bundle" / "bundle.json").is_file():
+            if not (path / "model.json").is_file():
+                raise UserError(f"{path} is neither a bundle nor a trained run folder")
+            bundle.export(path)
+        serve(str(path), args.host, args.port, args.workers, args.threads, args.engine,
+              int(args.max_body_mb * 2**20), args.api_key)
     elif args.command == "weights":
         from cnnlab.models import weights
 

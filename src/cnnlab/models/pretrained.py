@@ -156,7 +156,7 @@ class TransferNet(nn.Module):
         super().__init__()
         self.backbone, self.classifier_name = build_imagenet_model(name)
         self.feature_dim = _strip(self.backbone, self.classifier_name)
-        self.input_size, self.bn = input_size, bn
+        self.input_size, self.bn, self.num_classes = input_size, bn, num_classes
         drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if head == "linear":
             self.head = nn.Sequential(drop, nn.Linear(self.feature_dim, num_classes))
@@ -165,6 +165,12 @@ class TransferNet(nn.Module):
                                       nn.Linear(hidden, num_classes))
         else:
             raise UserError(f"model.head is {head!r}; choose linear or mlp")
+
+    def reset_head(self, num_classes: int) -> None:
+        """Replace the head's last layer for `num_classes` (the same call as LayerNet's)."""
+        last = self.head[-1]
+        self.head[-1] = nn.Linear(last.in_features, num_classes)
+        self.num_classes = num_classes
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.input_size, self.input_size):

@@ -1,0 +1,1 @@
+"""Deployment: the model bundle (`cnnlab export`) and the web server (`cnnlab serve`)."""

@@ -1,0 +1,125 @@
+"""The deployable bundle: weights (safetensors and ONNX), and one JSON that says how to use them.
+
+`bundle.json` holds the classes in order, the preprocessing, the metrics, the split manifest's
+hash, the "uncertain" threshold chosen on validation data, the cnnlab version and the sha256 of
+every file. `load_bundle` checks every hash before anything is used; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab import __version__
+from cnnlab.core.errors import UserError
+from cnnlab.core.runs import atomic_write, find_run, load_json, read_csv, save_json
+from cnnlab.models.checkpoint import load_model
+from cnnlab.models.weights import sha256_file
+
+FILES = ("model.safetensors", "model.json", "model.onnx")
+
+
+def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """The top-probability cut that best separates right from wrong answers (Youden's J on
+    validation predictions); below it the page says "uncertain"."""
+    from sklearn.metrics import roc_curve
+
+    if correct.all() or not correct.any():
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(correct.astype(int), confidence)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(1.0, max(0.0, thresholds[best])))
+
+
+def _val_threshold(run: Path, model, meta: dict) -> tuple[float, int]:
+    from cnnlab.evaluate.predict import Predictor
+
+    rows = [r for r in read_csv(run / "split.csv") if r["split"] == "val"]
+    root = Path(load_json(run / "summary.json")["data"]["root"])
+    predictor, conf, correct = Predictor(model, meta), [], []
+    for i in range(0, len(rows), 64):
+        chunk = [r for r in rows[i:i + 64] if (root / r["path"]).is_file()]
+        if not chunk:
+            continue
+        p = predictor.predict_proba([root / r["path"] for r in chunk])
+        conf += p.max(1).tolist()
+        correct += [predictor.classes_[k] == r["class"] for k, r in zip(p.argmax(1), chunk)]
+    return uncertainty_threshold(np.array(conf), np.array(correct, dtype=bool)), len(conf)
+
+
+def export_onnx(model: torch.nn.Module, image_size: int) -> bytes:
+    """The whole model (logits) with a dynamic batch axis."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(1, 3, image_size, image_size),), buf, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+                          dynamo=False, opset_version=17)
+    return buf.getvalue()
+
+
+def export(run: str | Path, out: str | Path | None = None, log=print) -> Path:
+    """Write the bundle of `run` into `out` (default RUN/bundle); return its folder."""
+    run = find_run(run)
+    if not (run / "model.safetensors").is_file() or not (run / "model.json").is_file():
+        raise UserError(f"{run} has no trained model (model.safetensors + model.json); train it to the end first")
+    model, meta = load_model(run)
+    summary = load_json(run / "summary.json")
+    folder = Path(out) if out else run / "bundle"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "model.safetensors", folder / "model.safetensors")
+    shutil.copyfile(run / "model.json", folder / "model.json")
+    atomic_write(folder / "model.onnx", export_onnx(model, meta["image_size"]))
+    threshold, n_val = _val_threshold(run, model, meta)
+    test = summary.get("test") or {}
+    info = {"format": "cnnlab-bundle-1", "cnnlab_version": __version__, "run": run.name,
+            "classes": meta["classes"], "model_name": meta["model_name"],
+            "preprocessing": {"image_size": meta["image_size"], "crop": meta.get("crop", 1.0),
+                              "mean": meta["mean"], "std": meta["std"], "input_size": meta.get("input_size"),
+                              "steps": meta.get("preprocessing", "")},
+            "metrics": {k: test[k] for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss", "n")
+                        if k in test},
+            "uncertain_below": round(threshold, 4), "threshold_from": f"{n_val} validation images (Youden's J)",
+            "split_sha256": meta.get("split_sha256", ""),
+            "files": {name: sha256_file(folder / name) for name in FILES}}
+    save_json(folder / "bundle.json", info)
+    log(f"bundle: {folder} (uncertain below {threshold:.3f}, from {n_val} validation images)")
+    return folder
+
+
+def load_bundle(path: str | Path) -> tuple[Path, dict]:
+    """(folder, bundle.json) after checking every file's sha256; accepts a bundle or a run folder."""
+    folder = Path(path)
+    if not (folder / "bundle.json").is_file() and (folder / "bundle" / "bundle.json").is_file():
+        folder = folder / "bundle"
+    if not (folder / "bundle.json").is_file():
+        raise UserError(f"{path} is not a bundle (no bundle.json); make one with `cnnlab export RUN`")
+    info = load_json(folder / "bundle.json")
+    for name, digest in info.get("files", {}).items():
+        if not (folder / name).is_file():
+            raise UserError(f"bundle {folder}: {name} is missing; export it again")
+        if sha256_file(folder / name) != digest:
+            raise UserError(f"bundle {folder}: {name} does not match its sha256 in bundle.json (changed or "
+                            "corrupted); export it again")
+    return folder, info
+
+
+def check(folder: Path, run: Path, n: int = 64, log=print) -> float:
+    """Largest |bundle probability - evaluation probability| over `n` test images of the run."""
+    from cnnlab.serve.engine import Engine
+
+    rows = read_csv(run / "predictions.csv")[:n]
+    root = Path(load_json(run / "summary.json")["data"]["root"])
+    engine = Engine.load(folder)
+    classes = engine.classes
+    probs = engine.predict_files([root / r["path"] for r in rows])
+    ref = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    err = float(np.abs(probs - ref).max()) if len(rows) else 0.0
+    log(f"check: {len(rows)} test images, largest probability difference to evaluation {err:.2e} "
+        f"({engine.kind})")
+    return err

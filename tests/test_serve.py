@@ -1,0 +1,290 @@
+"""The bundle and the real server (uvicorn on 127.0.0.1): parity with evaluation, the page in
+headless Chromium, and a barrage of hostile requests that must never get a 5xx."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from hostile import jpeg_bytes, noise_rgb, png_bomb
+from PIL import Image
+
+from cnnlab.cli import main
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    code = main(["train", "--data", str(cifar_root), "--model", "cnn_small", "--epochs", "1", "--out", str(out),
+                 "--set", "data.limit_per_class=40", "--no-progress"])
+    assert code == 0
+    (run,) = list(out.iterdir())
+    assert main(["export", str(run), "--check"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(trained), "--port", str(port),
+                             "--max-body-mb", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # bounded wait for the model to load
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server not ready in 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=15)
+
+
+def _test_rows(run: Path, n: int) -> list[dict]:
+    return list(csv.DictReader(open(run / "predictions.csv")))[:n]
+
+
+def test_bundle_has_every_file_and_its_hash(trained):
+    info = json.loads((trained / "bundle" / "bundle.json").read_text())
+    assert set(info["files"]) == {"model.safetensors", "model.json", "model.onnx"}
+    assert info["classes"] == json.loads((trained / "summary.json").read_text())["classes"]
+    assert 0 < info["uncertain_below"] <= 1 and info["split_sha256"]
+    assert info["metrics"]["accuracy"] == json.loads((trained / "summary.json").read_text())["test"]["accuracy"]
+
+
+def test_tampered_bundle_is_refused(trained, tmp_path, capsys):
+    bundle = tmp_path / "b"
+    assert main(["export", str(trained), "--out", str(bundle)]) == 0
+    with open(bundle / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    capsys.readouterr()
+    assert main(["serve", str(bundle), "--port", "1"]) == 2
+    assert "does not match its sha256" in capsys.readouterr().err
+
+
+def test_server_probabilities_equal_evaluation(server, trained, cifar_root):
+    rows = _test_rows(trained, 24)
+    classes = json.loads((trained / "summary.json").read_text())["classes"]
+    for k, row in enumerate(rows):
+        data = (cifar_root / row["path"]).read_bytes()
+        if k % 2:
+            r = httpx.post(f"{server}/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=10)
+        else:
+            r = httpx.post(f"{server}/predict", content=data, timeout=10)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert list(body["probabilities"]) == sorted(classes, key=lambda c: -body["probabilities"][c])
+        for c in classes:
+            assert abs(body["probabilities"][c] - float(row[f"prob_{c}"])) <= 1e-5
+        assert body["prediction"] == row["prediction"]
+    files = [("files", (r["path"], (cifar_root / r["path"]).read_bytes(), "image/jpeg")) for r in rows[:5]]
+    files.append(("files", ("junk.jpg", b"not an image", "image/jpeg")))
+    batch = httpx.post(f"{server}/predict/batch", files=files, timeout=10).json()["results"]
+    assert [b.get("prediction") for b in batch[:5]] == [r["prediction"] for r in rows[:5]]
+    assert batch[5]["status"] == 415
+
+
+def test_model_health_metrics_and_docs(server):
+    info = httpx.get(f"{server}/model").json()
+    assert len(info["classes"]) == 10 and info["engine"] == "onnxruntime" and "mean" in info["preprocessing"]
+    assert httpx.get(f"{server}/livez").status_code == 200
+    assert httpx.get(f"{server}/readyz").json()["status"] == "ready"
+    assert httpx.get(f"{server}/openapi.json").json()["paths"]["/predict"]
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'cnnlab_requests_total{path="/predict",status="200"}' in metrics
+    assert "cnnlab_request_seconds_bucket" in metrics
+
+
+def _hostile_requests(valid: bytes) -> list[tuple[str, dict]]:
+    """(name, httpx request kwargs) for every kind of bad request."""
+    png = io.BytesIO()
+    noise_rgb().save(png, "PNG")
+    png = png.getvalue()
+    gif = io.BytesIO()
+    noise_rgb().convert("P").save(gif, "GIF")
+    gif = gif.getvalue()
+    webp = io.BytesIO()
+    noise_rgb().save(webp, "WEBP")
+    webp = webp.getvalue()
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("a.jpg", valid)
+    big = b"\xff" * (1 * 2**20 + 10)
+    cases: list[tuple[str, dict]] = [
+        ("empty raw body", {"content": b""}),
+        ("text body", {"content": b"hello"}),
+        ("json body", {"json": {"image": "x"}}),
+        ("html body", {"content": b"<html><script>alert(1)</script></html>", "headers": {"content-type": "text/html"}}),
+        ("svg", {"content": b"<svg xmlns='http://www.w3.org/2000/svg'><rect/></svg>"}),
+        ("pdf header", {"content": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"}),
+        ("zip of an image", {"content": zbuf.getvalue()}),
+        ("gzip bytes", {"content": b"\x1f\x8b\x08\x00" + b"\0" * 20}),
+        ("elf binary", {"content": b"\x7fELF" + b"\0" * 60}),
+        ("random bytes", {"content": np.random.default_rng(0).bytes(4096)}),
+        ("png signature only", {"content": png[:8]}),
+        ("png header only", {"content": png[:33]}),
+        ("png bomb 100k x 100k", {"content": png_bomb(100_000, 100_000)}),
+        ("png bomb 20k x 20k", {"content": png_bomb(20_000, 20_000)}),
+        ("png zero width", {"content": png_bomb(0, 10)}),
+        ("png bad crc", {"content": png[:20] + b"\0\0\0\0" + png[24:]}),
+        ("gif truncated", {"content": gif[:30]}),
+        ("webp truncated", {"content": webp[:20]}),
+        ("bmp header junk", {"content": b"BM" + b"\xff" * 60}),
+        ("tiff header junk", {"content": b"II*\x00" + b"\xff" * 60}),
+        ("ico junk", {"content": b"\0\0\1\0" + b"\xff" * 40}),
+        ("over the body limit", {"content": big}),
+        ("over the limit, chunked", {"content": iter([big[:600_000], big[600_000:]])}),
+        ("multipart without a file field", {"files": {"other": ("a.jpg", valid, "image/jpeg")}}),
+        ("multipart with text in file", {"data": {"file": "not a file"}}),
+        ("multipart empty file", {"files": {"file": ("a.jpg", b"", "image/jpeg")}}),
+        ("multipart text file", {"files": {"file": ("a.txt", b"hello", "text/plain")}}),
+        ("multipart truncated jpeg", {"files": {"file": ("a.jpg", valid[:200], "image/jpeg")}}),
+        ("multipart missing boundary", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}),
+        ("multipart wrong boundary", {"content": b"--a\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx\r\n--a--",
+                                      "headers": {"content-type": "multipart/form-data; boundary=b"}}),
+        ("multipart unterminated", {"content": b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n",
+                                    "headers": {"content-type": "multipart/form-data; boundary=b"}}),
+        ("multipart two files", {"files": [("file", ("a.jpg", valid, "image/jpeg")),
+                                           ("file", ("b.jpg", valid, "image/jpeg"))]}),
+        ("multipart many fields", {"data": {f"f{i}": "x" for i in range(40)}}),
+        ("multipart path-traversal name, junk bytes", {"files": {"file": ("../../etc/passwd", b"root:x", "image/jpeg")}}),
+        ("wrong content-type header for junk", {"content": b"junk", "headers": {"content-type": "image/png"}}),
+    ]
+    for cut in (10, 100, 300, len(valid) // 2, len(valid) - 10):
+        cases.append((f"jpeg truncated at {cut}", {"content": valid[:cut]}))
+    corrupt = bytearray(valid)
+    corrupt[200:260] = b"\0" * 60
+    cases.append(("jpeg with zeroed scan data", {"content": bytes(corrupt), "ok": True}))
+    cases.append(("jpeg header + noise", {"content": valid[:20] + np.random.default_rng(1).bytes(500)}))
+    return cases
+
+
+OTHER_BAD = [
+    ("GET /predict", "GET", "/predict", {}),
+    ("PUT /predict", "PUT", "/predict", {"content": b"x"}),
+    ("DELETE /model", "DELETE", "/model", {}),
+    ("unknown path", "GET", "/nope", {}),
+    ("path traversal", "GET", "/../../etc/passwd", {}),
+    ("batch without multipart", "POST", "/predict/batch", {"content": b"x"}),
+    ("batch with no files", "POST", "/predict/batch", {"data": {"a": "b"}}),
+    ("batch over the file limit", "POST", "/predict/batch", {"files": [("files", (f"{i}.jpg", b"x", "image/jpeg"))
+                                                                       for i in range(80)]}),
+    ("very long path", "GET", "/" + "a" * 6000, {}),
+    ("POST /livez", "POST", "/livez", {"content": b"x"}),
+]
+
+
+RAW = [  # requests an HTTP client library refuses to send
+    ("lying content-length", b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\nabc"),
+    ("non-numeric content-length", b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\nabc"),
+    ("bad chunk size", b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
+    ("header without colon", b"POST /predict HTTP/1.1\r\nHost: x\r\nbroken header\r\n\r\n"),
+    ("unknown method", b"BREW /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+]
+
+
+def _raw(server: str, request: bytes) -> int:
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 400  # closed without answer: refused
+
+
+def test_hostile_requests_never_get_a_5xx(server, cifar_root, trained):
+    valid = (cifar_root / _test_rows(trained, 1)[0]["path"]).read_bytes()
+    statuses = {}
+    with httpx.Client(base_url=server, timeout=20) as client:
+        for name, kw in _hostile_requests(valid):
+            ok = kw.pop("ok", False)
+            r = client.post("/predict", **kw)
+            statuses[name] = r.status_code
+            assert r.status_code < 500, (name, r.status_code, r.text)
+            if not ok:
+                assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+                assert "detail" in r.json(), name
+        for name, method, path, kw in OTHER_BAD:
+            r = client.request(method, path, **kw)
+            statuses[name] = r.status_code
+            assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+        for name, request in RAW:
+            statuses[name] = _raw(server, request)
+            assert 400 <= statuses[name] < 500, (name, statuses[name])
+        assert len(statuses) >= 50, len(statuses)
+        assert statuses["over the body limit"] == 413 and statuses["over the limit, chunked"] == 413
+        assert statuses["png bomb 100k x 100k"] == 413 and statuses["text body"] == 415
+        assert statuses["jpeg truncated at 300"] in (415, 422)
+        # still healthy and still right
+        assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
+        assert client.post("/predict", content=valid).status_code == 200
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'status="5' not in metrics
+
+
+def test_page_in_headless_chromium(server, trained, cifar_root):
+    if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
+        pytest.skip("Debian chromium + chromium-driver are not installed (make test installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = cifar_root / _test_rows(trained, 3)[2]["path"]
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--window-size=900,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(server + "/")
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        driver.find_element(By.ID, "classify").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "result").is_displayed())
+        shown = {row.get_attribute("data-class"): float(row.get_attribute("data-prob"))
+                 for row in driver.find_elements(By.CSS_SELECTOR, "#bars .row")}
+        prediction = driver.find_element(By.ID, "prediction").text
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "serve_page.png"))
+    finally:
+        driver.quit()
+    api = httpx.post(f"{server}/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")}).json()
+    assert prediction == api["prediction"]
+    assert list(shown) == list(api["probabilities"])  # every class, in the same (sorted) order
+    for c, p in api["probabilities"].items():
+        assert abs(shown[c] - p) < 1e-9
+    assert (ARTIFACTS / "serve_page.png").stat().st_size > 5000
