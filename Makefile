@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,29 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cnnlab train configs/demo.yaml
+	$(BIN)/cnnlab study configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium and ChromeDriver for the page test in tests/test_serve.py (skipped without them)
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) || \
+	    echo "note: could not install chromium; the browser test will be skipped"; \
+	  else echo "note: chromium not installed; the browser test will be skipped"; fi; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/transfer.py engines
+	$(BIN)/python benchmarks/transfer.py hymenoptera
+	$(BIN)/python benchmarks/transfer.py cifar10
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs studies comparison .pytest_cache tests/artifacts

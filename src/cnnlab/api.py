@@ -1,4 +1,5 @@
-"""The Python API: the same verbs as the CLI (`audit`, `train`, `evaluate`, `predict`, `summary`).
+"""The Python API: the same verbs as the CLI (`audit`, `train`, `lr_find`, `study`, `report`, `evaluate`,
+`predict`, `summary`).
 
 Data flows one way: config -> resolve and scan the data -> split -> model -> run folder ->
 loaders -> fit -> evaluate on the test split -> summary.json and report. Every user mistake is
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from cnnlab.core.config import Config, config_to_dict, dump_config, load_config
@@ -26,7 +28,7 @@ from cnnlab.data.sources import default_data, require_trainable, resolve_data, s
 from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, save_split
 from cnnlab.evaluate.evaluation import write_evaluation
 from cnnlab.evaluate.plots import plot_curves
-from cnnlab.evaluate.predict import Predictor, predict_loader
+from cnnlab.evaluate.predict import Predictor, inference_speed, predict_loader
 from cnnlab.evaluate.run_report import write_run_report
 from cnnlab.models import create_model, get_entry
 from cnnlab.models.checkpoint import load_model, save_model
@@ -37,6 +39,7 @@ from cnnlab.train.checkpoints import load_checkpoint
 from cnnlab.train.distributed import barrier, broadcast, cleanup, device_for, setup
 from cnnlab.train.features import feature_loaders
 from cnnlab.train.loop import HISTORY_COLUMNS, FitResult, fit
+from cnnlab.train.lr_find import lr_range_test
 from cnnlab.train.phases import plan_phases
 
 DEFAULT_MODEL = "cnn_small"
@@ -108,51 +111,13 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
             raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass the folder printed as 'run: ...'")
         checkpoint = load_checkpoint(run_dir)
         _check_resumable(load_config(run_dir / "config.yaml"), cfg, run_dir)
-    data = cfg.data.path
-    line = None
-    if not data:
-        data, line = default_data()
-    root, resolved_line = resolve_data(data)
-    log(line or resolved_line)
-    scan = require_trainable(scan_folder(root))
-    for w in scan.warnings:
-        log(f"warning: {w}")
-    if resume:
-        split = load_split(run_dir / "split.csv", scan)
-    elif cfg.data.split_file or cfg.model.init:
-        split = load_split(cfg.data.split_file or Path(cfg.model.init) / "split.csv", scan)
-    else:
-        split = make_split(scan, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
-                           seed=cfg.data.split_seed, limit_per_class=cfg.data.limit_per_class)
-    if split.dropped:
-        log(f"leakage: left out {len(split.dropped)} training files whose bytes also appear in val/test")
-    name = cfg.model.name or DEFAULT_MODEL
-    transfer = is_transfer_name(name)
-    model_args = {"layers": list(cfg.model.layers)} if name == "custom" else {}
-    if cfg.model.layers and name != "custom":
-        raise UserError(f"model.layers is only read by model 'custom', not {name!r}; set model.name: custom")
-    phases = plan_phases(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name)), transfer)
-    crop, mean_std = 1.0, None
-    if transfer:  # preprocessing from the backbone's pretrained config; small data is upscaled inside the model
-        prep = pretrained_preprocessing(name)
-        input_size = cfg.model.input_size or prep["input_size"]
-        size = cfg.data.image_size or input_size
-        crop = prep["crop"] if size >= input_size else 1.0
-        mean_std = (tuple(prep["mean"]), tuple(prep["std"]))
-        model_args = {"head": cfg.model.head, "hidden": cfg.model.head_hidden, "dropout": cfg.model.dropout,
-                      "bn": cfg.model.bn}
-    else:
-        size = cfg.data.image_size or get_entry(name).default_size
-        input_size = size
+    root, split = _data_and_split(cfg, log, run_dir / "split.csv" if resume else None)
     if cfg.train.batch_size % dist.world:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must divide by the {dist.world} processes")
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    model = create_model(name, len(split.classes), input_size, **model_args)  # shape errors surface here
-    for ph in phases:
-        if isinstance(ph.unfreeze, int) and ph.unfreeze > len(model.blocks()):
-            raise UserError(f"train.unfreeze {ph.unfreeze}: {name} has {len(model.blocks())} blocks; "
-                            f"use at most {len(model.blocks())} or 'all'")
-    weights = _initial_weights(model, name, cfg, split, log) if transfer else {}
+    m = _model_setup(cfg, split, log)
+    name, model, model_args, size, input_size = m.name, m.model, m.model_args, m.size, m.input_size
+    transfer, phases, crop, mean_std, weights = m.transfer, m.phases, m.crop, m.mean_std, m.weights
     model_text = format_summary(name, summarize(model, size), size)
     run_info = {"split_sha256": manifest_hash(split), "world": dist.world}
     saved_info = {k: checkpoint[1]["progress"].get("run", {}).get(k) for k in run_info} if checkpoint else run_info
@@ -220,6 +185,99 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     return run_dir
 
 
+@dataclasses.dataclass
+class _ModelSetup:
+    name: str
+    model: torch.nn.Module
+    model_args: dict
+    size: int  # the images' decode side
+    input_size: int  # the network's input side (pretrained backbones upscale smaller images)
+    transfer: bool
+    phases: list
+    crop: float
+    mean_std: tuple | None
+    weights: dict
+
+
+def _data_and_split(cfg: Config, log, split_csv: Path | None = None) -> tuple[Path, Split]:
+    """Resolve the data (saying which), scan it and make or reuse the split."""
+    data, line = cfg.data.path, None
+    if not data:
+        data, line = default_data()
+    root, resolved_line = resolve_data(data)
+    log(line or resolved_line)
+    scan = require_trainable(scan_folder(root))
+    for w in scan.warnings:
+        log(f"warning: {w}")
+    if split_csv or cfg.data.split_file or cfg.model.init:
+        split = load_split(split_csv or cfg.data.split_file or Path(cfg.model.init) / "split.csv", scan)
+    else:
+        split = make_split(scan, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+                           seed=cfg.data.split_seed, limit_per_class=cfg.data.limit_per_class)
+    if split.dropped:
+        log(f"leakage: left out {len(split.dropped)} training files whose bytes also appear in val/test")
+    return root, split
+
+
+def _model_setup(cfg: Config, split: Split, log) -> _ModelSetup:
+    """Build the model with its starting weights, sizes and preprocessing; check the phases fit it."""
+    name = cfg.model.name or DEFAULT_MODEL
+    transfer = is_transfer_name(name)
+    model_args = {"layers": list(cfg.model.layers)} if name == "custom" else {}
+    if cfg.model.layers and name != "custom":
+        raise UserError(f"model.layers is only read by model 'custom', not {name!r}; set model.name: custom")
+    phases = plan_phases(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name)), transfer)
+    crop, mean_std = 1.0, None
+    if transfer:  # preprocessing from the backbone's pretrained config; small data is upscaled inside the model
+        prep = pretrained_preprocessing(name)
+        input_size = cfg.model.input_size or prep["input_size"]
+        size = cfg.data.image_size or input_size
+        crop = prep["crop"] if size >= input_size else 1.0
+        mean_std = (tuple(prep["mean"]), tuple(prep["std"]))
+        model_args = {"head": cfg.model.head, "hidden": cfg.model.head_hidden, "dropout": cfg.model.dropout,
+                      "bn": cfg.model.bn}
+    else:
+        size = cfg.data.image_size or get_entry(name).default_size
+        input_size = size
+    model = create_model(name, len(split.classes), input_size, **model_args)  # shape errors surface here
+    for ph in phases:
+        if isinstance(ph.unfreeze, int) and ph.unfreeze > len(model.blocks()):
+            raise UserError(f"train.unfreeze {ph.unfreeze}: {name} has {len(model.blocks())} blocks; "
+                            f"use at most {len(model.blocks())} or 'all'")
+    weights = _initial_weights(model, name, cfg, split, log) if transfer else {}
+    return _ModelSetup(name, model, model_args, size, input_size, transfer, phases, crop, mean_std, weights)
+
+
+def lr_find(cfg: Config, log=print) -> Path:
+    """The learning-rate range test for `cfg`'s model and data (its first phase's trainable weights).
+
+    Writes lr_find.json and lr_find.png into a new folder under cfg.out and returns it.
+    """
+    from cnnlab.core.figures import save_figure
+    from cnnlab.train.lr_find import plot_lr_find
+
+    root, split = _data_and_split(cfg, log)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    m = _model_setup(cfg, split, log)
+    if m.phases[0].unfreeze is not None:
+        m.model.set_trainable(m.phases[0].unfreeze)
+    set_threads(cfg.train.threads)
+    folder = new_run_dir(cfg.out, m.name, cfg.tag or "lr-find")
+    loaders = make_loaders(root, split, m.size, cfg.train.batch_size, cfg.train.eval_batch_size,
+                           loader=cfg.data.loader, memory_cap_mb=cfg.data.memory_cap_mb, augment=cfg.data.augment,
+                           pad=cfg.data.crop_padding, seed=cfg.train.seed, workers=cfg.data.workers,
+                           mean_std=m.mean_std, crop=m.crop, log=log)
+    train_cfg = dataclasses.replace(cfg.train, lr=1e-7)
+    result = lr_range_test(m.model.to(memory_format=torch.channels_last), loaders.train, train_cfg,
+                           torch.device("cpu"))
+    save_json(folder / "lr_find.json", {"model": m.name, "optimizer": cfg.train.optimizer, **result})
+    save_figure(plot_lr_find(result, f"{m.name}, {cfg.train.optimizer}, batch {cfg.train.batch_size}"),
+                folder / "lr_find.png")
+    log(f"suggested learning rate {result['suggestion']:.3g} (lowest smoothed loss at {result['lr_min_loss']:.3g}, "
+        f"steepest descent at {result['lr_steepest']:.3g}); use it with --lr or set train.lr: auto")
+    return folder
+
+
 def _quiet(msg: str) -> None:
     pass
 
@@ -235,8 +293,6 @@ def _initial_weights(model, name: str, cfg: Config, split: Split, log) -> dict:
                             f"this run wants {name} on {list(split.classes)}")
         if meta.get("model_args") != {"head": m.head, "hidden": m.head_hidden, "dropout": m.dropout, "bn": m.bn}:
             raise UserError(f"--from {run}: its head settings {meta.get('model_args')} differ from this config's")
-        from safetensors.torch import load_file
-
         model.load_state_dict(load_file(str(run / "model.safetensors")))
         log(f"weights: from run {run}")
         return {"init_run": str(run), "weights_sha256": meta.get("weights_sha256", ""),
@@ -259,14 +315,10 @@ def _run_phases(model, phases, loaders, cfg, run_dir, meta, *, device, precision
         if any(d["name"] == ph.name for d in done):
             continue
         if done:  # continue from the weights the finished phases left
-            from safetensors.torch import load_file
-
             model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
         if ph.unfreeze is not None:
             model.set_trainable(ph.unfreeze)
         total, trainable = count_params(model)
-        log(f"phase {ph.name}: lr {ph.train.lr:g}, {ph.train.epochs} epochs, "
-            f"{trainable:,} of {total:,} parameters trainable")
         resume = checkpoint if checkpoint and checkpoint[1]["progress"]["run"].get("phase", "scratch") == ph.name \
             else None
         features = None
@@ -279,17 +331,23 @@ def _run_phases(model, phases, loaders, cfg, run_dir, meta, *, device, precision
         else:
             ld, best_file, evaluator = loaders, "model.safetensors", (model, loaders.test)
             net = DistributedDataParallel(model) if dist.active else model
-        result = fit(net, ld, ph.train, run_dir, device=device, precision=precision, class_weights=class_weights,
+        train_cfg = ph.train
+        if train_cfg.lr == "auto":  # the range test on this phase's trainable weights and data
+            found = lr_range_test(net, ld.train, dataclasses.replace(train_cfg, lr=1e-7), device)
+            train_cfg = dataclasses.replace(train_cfg, lr=found["suggestion"])
+            log(f"lr auto: range test suggests {found['suggestion']:.3g} (lowest smoothed loss at "
+                f"{found['lr_min_loss']:.3g})")
+        log(f"phase {ph.name}: lr {train_cfg.lr:g}, {train_cfg.epochs} epochs, "
+            f"{trainable:,} of {total:,} parameters trainable")
+        result = fit(net, ld, train_cfg, run_dir, device=device, precision=precision, class_weights=class_weights,
                      log=log, progress=progress, resume=resume, dist=dist, run_info={**run_info, "phase": ph.name},
                      phase=ph.name, earlier=rows, best_file=best_file)
         seconds = result.train_seconds + (features["seconds"] if features else 0.0)
-        record = {"name": ph.name, "lr": ph.train.lr, "epochs": len(result.history), "status": result.status,
+        record = {"name": ph.name, "lr": train_cfg.lr, "epochs": len(result.history), "status": result.status,
                   "best_epoch": result.best_epoch, "train_seconds": round(seconds, 3),
                   "params_total": total, "params_trainable": trainable, "features": features,
                   "history": result.history}
         if result.best_epoch == 0 and done:  # nothing better than the earlier phase: keep its weights
-            from safetensors.torch import load_file
-
             model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
             evaluator = (model, loaders.test)
         if result.status not in ("completed", "early_stopped"):
@@ -300,6 +358,9 @@ def _run_phases(model, phases, loaders, cfg, run_dir, meta, *, device, precision
             save_model(model, run_dir, meta)  # the full model after this phase
             save_json(run_dir / "phases.json", done)
         rows = rows + result.history
+    if result is None:  # every phase had finished (a resume after the last epoch): the saved model is the result
+        model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+        evaluator = (model, loaders.test)
     last = done[-1]
     history = [r for d in done for r in d["history"]]
     best = 0
@@ -346,6 +407,7 @@ def _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, 
             summary["message"] = (f"best validation accuracy {best['val_accuracy']:.4f} is no better than always "
                                   f"predicting the largest class ({majority:.4f}); not a result: try another "
                                   "learning rate")
+        summary["inference"] = inference_speed(model, meta["image_size"], device)
         tee(f"test accuracy {summary['test']['accuracy']:.4f}  macro F1 {summary['test']['f1_macro']:.4f}  "
             f"loss {summary['test']['loss']:.4f}  (best epoch {result.best_epoch})")
     save_json(run_dir / "summary.json", summary)
@@ -421,3 +483,98 @@ def predict(run: str | Path, images: list[str]) -> list[dict]:
         out.append({"path": str(path), "prediction": predictor.classes_[order[0]],
                     "probabilities": {predictor.classes_[i]: round(float(probs[i]), 6) for i in order}})
     return out
+
+
+def _study_runs(folder: Path) -> dict[str, Path]:
+    """The newest run folder of each child in a study folder, by the tag in its config.yaml."""
+    found: dict[str, Path] = {}
+    for cfg_file in sorted((folder / "runs").glob("*/config.yaml")):
+        tag = load_config(cfg_file).tag
+        found[tag] = cfg_file.parent  # sorted by timestamped name: the newest wins
+    return found
+
+
+def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), progress: bool = True,
+          log=print) -> Path:
+    """Run every child of a study file in order into one study folder, then write its report.
+
+    A child whose run folder already has summary.json is skipped; one that stopped mid-way is
+    resumed from its checkpoint, so a killed study started again redoes nothing it finished.
+    A pretrained child whose weights are not on the machine is reported as such, not fatal.
+    """
+    from cnnlab.core.runs import slug
+    from cnnlab.core.study import load_study
+
+    st = load_study(path, sets)
+    for child in st.children:  # missing data stops the study before anything trains
+        if child.config.data.path and not Path(child.config.data.path).exists() and \
+                child.config.data.path not in ("cifar10", "digits"):
+            raise UserError(f"study {st.name}, run {child.name}: data {child.config.data.path} not found. "
+                            + (st.data_help or "Point it at the image folder with --set data.path=FOLDER"))
+    folder = Path(out) / slug(st.name)
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    state = {"name": st.name, "description": st.description, "file": str(path), "children": []}
+    existing = _study_runs(folder)
+    for i, child in enumerate(st.children, 1):
+        cfg = dataclasses.replace(child.config, out=str(folder / "runs"), tag=child.name)
+        run = existing.get(child.name)
+        entry = {"name": child.name, "group": child.group, "run": str(run) if run else None, "status": "pending"}
+        head = f"[{i}/{len(st.children)}] {child.name}"
+        if run and (run / "summary.json").is_file():
+            entry["status"] = load_json(run / "summary.json")["status"]
+            log(f"{head}: already finished ({entry['status']}), skipped")
+        else:
+            resume = run if run and (run / "checkpoint.safetensors").is_file() else None
+            log(f"{head}: " + ("resuming " + str(run) if resume else "training"))
+            if resume:  # a run continues with its own resolved config, as `cnnlab train --resume` does
+                cfg = load_config(run / "config.yaml")
+            try:
+                run = train(cfg, progress=progress, log=log, resume=resume)
+                entry.update(run=str(run), status=load_json(run / "summary.json")["status"])
+            except UserError as e:
+                if not str(e).startswith("no pretrained weights"):
+                    raise
+                entry.update(status="weights not available", message=str(e).splitlines()[0])
+                log(f"{head}: weights not available on this machine; the report says so")
+        state["children"].append(entry)
+        save_json(folder / "study.json", state)
+    report(folder, log=log)
+    return folder
+
+
+def report(folders: list[str | Path] | str | Path, out: str | Path | None = None, log=print) -> Path:
+    """Write the comparison report of a study folder, or of run folders, from their files alone.
+
+    Returns the folder holding report.html and report.md (the study folder, or `out`).
+    """
+    from cnnlab.report.compare import load_run, write_comparison
+
+    folders = [Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders)]
+    if not folders:
+        raise UserError("give a study folder or run folders to report on")
+    rows, unavailable, notes, title = [], [], [], "cnnlab comparison"
+    if len(folders) == 1 and (folders[0] / "study.json").is_file():
+        state = load_json(folders[0] / "study.json")
+        out, title = out or folders[0], f"Study {state['name']}"
+        notes = [state.get("description", "")]
+        for c in state["children"]:
+            run = Path(c["run"]) if c.get("run") else None
+            if run and (run / "summary.json").is_file():
+                rows.append(load_run(run, c["name"], c["group"]))
+            else:
+                unavailable.append((c["name"], c.get("status", "not run")))
+    else:
+        for f in folders:
+            run = find_run(f)
+            if not (run / "summary.json").is_file():
+                raise UserError(f"{run} has no summary.json: not a finished run")
+            rows.append(load_run(run))
+        out = out or "comparison"
+    md, html_path = write_comparison(rows, Path(out), title, notes, unavailable)
+    log(f"report: {html_path}")
+    ok = [r for r in rows if r["status"] in ("completed", "early_stopped") and r.get("accuracy") is not None]
+    if ok:
+        top = max(ok, key=lambda r: r["accuracy"])
+        log(f"open it: file://{html_path.resolve()}")
+        log(f"best: {top['name']} ({top['accuracy']:.2%}); serve it with: cnnlab serve {top['folder']}")
+    return Path(out)

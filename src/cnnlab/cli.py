@@ -13,13 +13,13 @@ from pathlib import Path
 from cnnlab.core.errors import UserError
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train and evaluate a model; prints 'run: <folder>' last")
+def _train_parser(sub, command: str = "train", help: str = "train and evaluate a model; prints 'run: <folder>' last"):
+    p = sub.add_parser(command, help=help)
     p.add_argument("config", nargs="?", help="YAML config (sections data, model, train)")
     p.add_argument("--data", help="image folder, .zip/.tar(.gz) archive, or cifar10 / digits")
     p.add_argument("--model", help="registry name (see `cnnlab models`)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", help="learning rate, or auto (a range test picks it)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", help="adam | adamw | sgd")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the model's)")
@@ -40,8 +40,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", help="root folder for run folders (default runs/)")
     p.add_argument("--tag", help="suffix for the run folder's name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=0.01")
-    p.add_argument("--resume", metavar="RUN", help="continue a stopped run from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="image folder, archive, or cifar10 / digits")
     p.add_argument("--out", default="audit.json", help="JSON file to write (figures go beside it)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
-    _train_parser(sub)
+    _train_parser(sub).add_argument("--resume", metavar="RUN", help="continue a stopped run from its checkpoint")
+    _train_parser(sub, "lr-find", "learning-rate range test: a plot and a suggested lr (same options as train)")
+    p = sub.add_parser("study", help="run a study file (models x settings x lrs) and write its comparison report")
+    p.add_argument("study", help="study YAML (see configs/)")
+    p.add_argument("--out", default="studies", help="root folder of study folders (default studies/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("report", help="rebuild the comparison report of a study folder or of run folders")
+    p.add_argument("folders", nargs="+")
+    p.add_argument("--out", help="where run folders' report goes (default comparison/; a study's own folder)")
     p = sub.add_parser("evaluate", help="evaluate a trained run on its test split or on other data")
     p.add_argument("run")
     p.add_argument("--data", help="evaluate on this data instead of the run's test split")
@@ -125,6 +134,18 @@ def run(argv: list[str]) -> int:
         folder = api.train(cfg, progress=not args.no_progress, resume=args.resume)
         print(f"report: {folder / 'report.html'}")
         print(f"run: {folder}")
+    elif args.command == "lr-find":
+        from cnnlab.core.config import load_config
+
+        folder = api.lr_find(load_config(args.config, _train_overrides(args), args.set))
+        print(f"plot: {folder / 'lr_find.png'}")
+        print(f"folder: {folder}")
+    elif args.command == "study":
+        folder = api.study(args.study, args.out, args.set, progress=not args.no_progress)
+        print(f"study: {folder}")
+    elif args.command == "report":
+        folder = api.report(args.folders, args.out)
+        print(f"report: {folder / 'report.html'}")
     elif args.command == "evaluate":
         out = api.evaluate(args.run, args.data)
         print(f"evaluation: {out}")

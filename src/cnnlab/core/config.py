@@ -54,7 +54,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     optimizer: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3
+    lr: float | str = 1e-3  # or "auto": a learning-rate range test picks it (train/lr_find.py)
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0
@@ -119,8 +119,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"config: {key} must be a list, got {value!r}")
         item_tp = typing.get_args(tp)[0]
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        return value
+    if origin in (typing.Union, types.UnionType):  # the first member type that takes the value
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(value, member, key)
+            except UserError:
+                continue
+        raise UserError(f"config: {key} has an unusable value {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -178,7 +183,7 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"config: data.augment has {aug!r}; choose from {', '.join(AUGMENTATIONS)}")
     t, d = cfg.train, cfg.data
     checks = [
-        (t.lr > 0, "train.lr must be above 0"),
+        (t.lr == "auto" or (isinstance(t.lr, float) and t.lr > 0), "train.lr must be above 0, or auto"),
         (t.epochs >= 1, "train.epochs must be at least 1"),
         (t.batch_size >= 1, "train.batch_size must be at least 1"),
         (t.eval_batch_size >= 1, "train.eval_batch_size must be at least 1"),

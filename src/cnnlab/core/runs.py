@@ -28,7 +28,7 @@ def new_run_dir(root: str | Path, model: str, tag: str = "") -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output folder {root}: {e.strerror}; pass --out a writable folder") from None
-    stem = "-".join(p for p in (time.strftime("%Y%m%d-%H%M%S"), _slug(model), _slug(tag)) if p)
+    stem = "-".join(p for p in (time.strftime("%Y%m%d-%H%M%S"), slug(model), slug(tag)) if p)
     for i in range(1000):
         path = root / (stem if i == 0 else f"{stem}-{i}")
         try:
@@ -39,7 +39,7 @@ def new_run_dir(root: str | Path, model: str, tag: str = "") -> Path:
     raise UserError(f"too many run folders named {stem} in {root}")
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "_", text).strip("_")
 
 

@@ -45,6 +45,25 @@ def predict_loader(model, loader, classes, device=torch.device("cpu")) -> Predic
     return Predictions(paths, t, p, tuple(classes), len(t) / seconds if seconds > 0 else 0.0)
 
 
+@torch.no_grad()
+def inference_speed(model, image_size: int, device=torch.device("cpu"), batch: int = 32, singles: int = 15) -> dict:
+    """Latency at batch 1 (median ms per image) and throughput at `batch` (images/s) on random input."""
+    model.eval().to(device)
+    one = torch.randn(1, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    many = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    model(one), model(many)  # warm-up: first calls pick kernels
+    times = []
+    for _ in range(singles):
+        start = time.perf_counter()
+        model(one)
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    model(many)
+    seconds = time.perf_counter() - start
+    return {"latency_ms": round(1000 * float(np.median(times)), 3), "throughput": round(batch / seconds, 1),
+            "batch": batch, "threads": torch.get_num_threads(), "device": str(device)}
+
+
 class Predictor:
     """A trained model from a run folder, ready to classify image files or bytes."""
 

@@ -41,6 +41,7 @@ def plan_phases(cfg: Config, transfer: bool) -> list[Phase]:
         return [Phase("finetune", t, unfreeze, False)]
     phases = [Phase("frozen", t, 0, t.feature_cache)]
     if t.unfreeze:
-        phases.append(Phase("finetune", dataclasses.replace(t, lr=t.finetune_lr or t.lr / 10,
+        lr = t.finetune_lr or (t.lr / 10 if t.lr != "auto" else "auto")
+        phases.append(Phase("finetune", dataclasses.replace(t, lr=lr,
                                                             epochs=t.finetune_epochs or t.epochs), unfreeze, False))
     return phases

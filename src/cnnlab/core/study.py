@@ -1,0 +1,91 @@
+"""Study files: several runs (models x settings x learning rates) over shared defaults.
+
+    name: report000
+    defaults: {data: {path: cifar10}, train: {epochs: 20, batch_size: 64}}
+    runs:
+      - name: cnn                       # child runs are named cnn-lr0.0001, cnn-lr0.001, ...
+        model: {name: report000_cnn}
+        lrs: [1e-4, 1e-3, 1e-2, 1e-1]
+      - name: resnet18-finetuned
+        model: {name: resnet18, pretrained: true}
+        train: {epochs: 10, lr: 1e-4}
+
+Each child is a full run config (the defaults with the entry's sections merged over them),
+validated when the study is loaded, so a typo stops the study before anything trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cnnlab.core.config import Config, _merge, config_from_dict, parse_override
+from cnnlab.core.errors import UserError
+
+ENTRY_KEYS = {"name", "lrs", "data", "model", "train"}
+
+
+@dataclass(frozen=True)
+class Child:
+    name: str  # unique in the study; the report's row label
+    group: str  # the entry it came from: runs of one group differ only in learning rate
+    config: Config
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    data_help: str  # said when the data is missing (e.g. where to get RealWaste)
+    children: tuple[Child, ...]
+
+
+def _lr_label(lr) -> str:
+    return "auto" if lr == "auto" else f"{float(lr):g}"
+
+
+def load_study(path: str | Path, sets: list[str] = ()) -> Study:
+    """Read and validate a study file; `sets` (`train.epochs=2`) apply to every child."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"study file {p} not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"study file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    unknown = set(raw) - {"name", "description", "data_help", "defaults", "runs"}
+    if not isinstance(raw, dict) or unknown:
+        raise UserError(f"study file {p}: unknown keys {sorted(unknown)}; use name, description, data_help, "
+                        "defaults, runs")
+    if not raw.get("runs"):
+        raise UserError(f"study file {p} lists no runs")
+    defaults = raw.get("defaults") or {}
+    forced: dict = {}  # --set values win over the defaults and every entry
+    for s in sets:
+        keys, value = parse_override(s)
+        node = forced
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    children, seen = [], set()
+    for i, entry in enumerate(raw["runs"]):
+        if not isinstance(entry, dict) or set(entry) - ENTRY_KEYS:
+            raise UserError(f"study file {p}: run {i + 1} must be a mapping with keys from {sorted(ENTRY_KEYS)}")
+        group = str(entry.get("name") or (entry.get("model") or {}).get("name") or f"run{i + 1}")
+        base = _merge(defaults, {k: entry[k] for k in ("data", "model", "train") if k in entry})
+        lrs = entry.get("lrs") or [None]
+        for lr in lrs:
+            cfg_raw = _merge(_merge(base, {"train": {"lr": lr}}) if lr is not None else base, forced)
+            name = f"{group}-lr{_lr_label(lr)}" if lr is not None else group
+            if name in seen:
+                raise UserError(f"study file {p}: two runs are named {name}; give each entry its own name")
+            seen.add(name)
+            try:
+                cfg = config_from_dict(cfg_raw)
+            except UserError as e:
+                raise UserError(f"study file {p}, run {name}: {e}") from None
+            children.append(Child(name, group, cfg))
+    return Study(str(raw.get("name") or p.stem), str(raw.get("description") or ""), str(raw.get("data_help") or ""),
+                 tuple(children))

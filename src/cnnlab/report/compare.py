@@ -1,0 +1,287 @@
+"""The comparison report of several runs: one table, the curves, the confusion matrices and a
+short written comparison, as `report.md` and a self-contained `report.html`.
+
+Built from run folders alone (summary.json, history.csv, predictions.csv, model.safetensors'
+size and the data's image files for thumbnails); no model code runs, so `cnnlab report` rebuilds
+it anywhere the folders are. Best values are bold; diverged and failed runs are flagged and left
+out of "best".
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+
+from cnnlab.core.figures import pyplot, save_figure
+from cnnlab.core.runs import atomic_write, load_json, read_csv
+
+OK = ("completed", "early_stopped")
+# column: (header, format, better) — better is max/min for highlighting, None for none
+COLUMNS = {
+    "name": ("run", "{}", None), "model": ("model", "{}", None), "phase": ("phase", "{}", None),
+    "lr": ("lr", "{:g}", None), "epochs": ("epochs", "{}", None),
+    "accuracy": ("test acc", "{:.2%}", max), "precision_macro": ("P macro", "{:.4f}", max),
+    "recall_macro": ("R macro", "{:.4f}", max), "f1_macro": ("F1 macro", "{:.4f}", max),
+    "precision_weighted": ("P weighted", "{:.4f}", max), "recall_weighted": ("R weighted", "{:.4f}", max),
+    "f1_weighted": ("F1 weighted", "{:.4f}", max),
+    "params_total": ("params", "{:,}", min), "params_trainable": ("trainable", "{:,}", min),
+    "size_mb": ("size MB", "{:.2f}", min), "train_seconds": ("train s", "{:.0f}", min),
+    "epoch_seconds": ("s/epoch", "{:.1f}", min), "latency_ms": ("ms/image (b=1)", "{:.2f}", min),
+    "throughput": ("images/s", "{:,.0f}", max), "status": ("status", "{}", None),
+}
+
+
+def load_run(folder: Path, name: str = "", group: str = "") -> dict:
+    """One table row (plus history and the confusion matrix) from a run folder."""
+    s = load_json(folder / "summary.json")
+    test, phases = s.get("test") or {}, s.get("phases") or []
+    history = read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else []
+    weights = folder / "model.safetensors"
+    row = {"name": name or folder.name, "group": group or s["model"]["name"], "folder": folder,
+           "model": s["model"]["name"], "phase": " > ".join(p["name"] for p in phases) or "scratch",
+           "lr": phases[-1]["lr"] if phases else s["train"]["lr"], "epochs": len(history),
+           "params_total": s["model"]["params_total"], "params_trainable": s["model"]["params_trainable"],
+           "size_mb": weights.stat().st_size / 2**20 if weights.is_file() else None,
+           "train_seconds": s["time"]["train_seconds"],
+           "epoch_seconds": float(np.mean(s["time"]["epoch_seconds"])) if s["time"]["epoch_seconds"] else None,
+           "latency_ms": (s.get("inference") or {}).get("latency_ms"),
+           "throughput": (s.get("inference") or {}).get("throughput"),
+           "status": s["status"], "message": s.get("message", ""), "history": history,
+           "confusion": test.get("confusion_matrix"), "classes": s["classes"], "data_root": s["data"]["root"]}
+    for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
+              "f1_weighted"):
+        row[k] = test.get(k)
+    return row
+
+
+def _best(rows: list[dict]) -> dict[str, float]:
+    best = {}
+    for key, (_, _, better) in COLUMNS.items():
+        values = [r[key] for r in rows if better and r["status"] in OK and r.get(key) is not None]
+        if values:
+            best[key] = better(values)
+    return best
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    try:
+        text = COLUMNS[key][1].format(value)
+    except (ValueError, TypeError):  # e.g. lr "auto" in a run from before the range test resolved it
+        text = str(value)
+    if key == "status" and value not in OK:
+        text = f"⚠ {value}"
+    return text
+
+
+def written_comparison(rows: list[dict]) -> list[str]:
+    """A few sentences from the numbers: the best run, its margin, and what it costs."""
+    ok = sorted((r for r in rows if r["status"] in OK and r.get("accuracy") is not None),
+                key=lambda r: -r["accuracy"])
+    lines = []
+    if not ok:
+        return ["No run finished with a usable result."]
+    top = ok[0]
+    lines.append(f"**{top['name']}** ({top['model']}, {top['phase']}, lr {top['lr']:g}) has the best test accuracy, "
+                 f"{top['accuracy']:.2%} (macro F1 {top['f1_macro']:.4f}).")
+    if len(ok) > 1:
+        second = ok[1]
+        ratio_t = top["train_seconds"] / max(second["train_seconds"], 1e-9)
+        ratio_p = top["params_total"] / max(second["params_total"], 1)
+        lines.append(f"It leads {second['name']} by {100 * (top['accuracy'] - second['accuracy']):.2f} points, "
+                     f"training {ratio_t:.1f}x as long with {ratio_p:.1f}x the parameters.")
+        fastest = min(ok, key=lambda r: r["train_seconds"])
+        if fastest is not top:
+            lines.append(f"The fastest to train is {fastest['name']} ({fastest['train_seconds']:.0f} s, "
+                         f"{fastest['accuracy']:.2%}).")
+        quick = [r for r in ok if r.get("latency_ms") is not None]
+        if quick:
+            q = min(quick, key=lambda r: r["latency_ms"])
+            lines.append(f"The quickest to answer one image is {q['name']} ({q['latency_ms']:.2f} ms at batch 1).")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    for g, members in groups.items():
+        if len(members) > 1:
+            good = [m for m in members if m["status"] in OK and m.get("accuracy") is not None]
+            if good:
+                b = max(good, key=lambda r: r["accuracy"])
+                lines.append(f"Across {g}'s learning rates, {b['lr']:g} works best ({b['accuracy']:.2%}).")
+    bad = [r for r in rows if r["status"] not in OK]
+    if bad:
+        lines.append("Flagged: " + "; ".join(f"{r['name']} {r['status']}" + (f" ({r['message']})" if r['message']
+                                                                             else "") for r in bad) + ".")
+    return lines
+
+
+def plot_loss_panels(rows: list[dict]):
+    """Train and validation loss of every run, one panel each (the first report's figure)."""
+    plt = pyplot()
+    with_history = [r for r in rows if r["history"]]
+    n = max(1, len(with_history))
+    cols = min(4, n)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.6 * cols, 2.9 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, r in zip(axes.flat, with_history):
+        ep = range(1, len(r["history"]) + 1)
+        ax.plot(ep, [float(h["train_loss"]) for h in r["history"]], "o-", ms=2, label="train")
+        ax.plot(ep, [float(h["val_loss"]) for h in r["history"]], "o-", ms=2, label="validation")
+        ax.set_title(f"{r['name']}" + ("" if r["status"] in OK else f" ({r['status']})"), fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(with_history):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_bars(rows: list[dict]):
+    plt = pyplot()
+    shown = [r for r in rows if r.get("accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(shown) + 2), 3.6))
+    colours = ["#36c" if r["status"] in OK else "#c63" for r in shown]
+    ax.bar(range(len(shown)), [100 * r["accuracy"] for r in shown], color=colours)
+    for i, r in enumerate(shown):
+        ax.text(i, 100 * r["accuracy"] + 0.5, f"{100 * r['accuracy']:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(shown)), [r["name"] for r in shown], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _thumb(path: Path, side: int = 64) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((side, side))
+            if max(im.size) < side:
+                im = im.resize((side, side * im.size[1] // max(1, im.size[0])), Image.NEAREST)
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=85)
+        return base64.b64encode(buf.getvalue()).decode()
+    except OSError:
+        return ""
+
+
+def _confusion_html(i: int, r: dict, per_cell: int) -> tuple[str, str]:
+    """A confusion matrix whose off-diagonal cells link to the misclassified images behind them."""
+    cm, classes = r["confusion"], r["classes"]
+    if not cm:
+        return "", ""
+    preds = read_csv(r["folder"] / "predictions.csv") if (r["folder"] / "predictions.csv").is_file() else []
+    cells: dict[tuple[str, str], list[str]] = {}
+    for p in preds:
+        if p["target"] != p["prediction"]:
+            cells.setdefault((p["target"], p["prediction"]), []).append(p["path"])
+    peak = max(max(row) for row in cm) or 1
+    out = [f"<table class='cm'><tr><th>true \\ predicted</th>"
+           + "".join(f"<th>{html.escape(c)}</th>" for c in classes) + "</tr>"]
+    for a, true in enumerate(classes):
+        out.append(f"<tr><th>{html.escape(true)}</th>")
+        for b, pred in enumerate(classes):
+            v = cm[a][b]
+            shade = f"background:rgba(51,102,204,{0.85 * v / peak:.2f})"
+            text = str(v) if a == b or not cells.get((true, pred)) else f"<a href='#r{i}-{a}-{b}'>{v}</a>"
+            out.append(f"<td style='{shade}'>{text}</td>")
+        out.append("</tr>")
+    out.append("</table>")
+    gallery = []
+    root = Path(r["data_root"])
+    for (true, pred), paths in sorted(cells.items(), key=lambda kv: -len(kv[1])):
+        a, b = classes.index(true), classes.index(pred)
+        imgs = "".join(f"<img title='{html.escape(p)}' src='data:image/jpeg;base64,{t}'>"
+                       for p in paths[:per_cell] if (t := _thumb(root / p)))
+        gallery.append(f"<div class='cell' id='r{i}-{a}-{b}'><b>{html.escape(r['name'])}</b>: true "
+                       f"<b>{html.escape(true)}</b>, predicted <b>{html.escape(pred)}</b> ({len(paths)}; first "
+                       f"{min(per_cell, len(paths))} shown)<br>{imgs}</div>")
+    return "".join(out), "".join(gallery)
+
+
+def _bold_html(text: str) -> str:
+    return re.sub(r"[*][*](.+?)[*][*]", r"<b>\1</b>", html.escape(text))
+
+
+def _img(path: Path, alt: str) -> str:
+    return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+
+
+def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] = (),
+                     unavailable: list[tuple[str, str]] = (), per_cell: int = 6) -> tuple[Path, Path]:
+    """report.md, report.html and the figures into `out` for `rows` (from `load_run`).
+
+    Args:
+        unavailable: (run name, reason) of planned runs that could not run, e.g. weights not available.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    best = _best(rows)
+    keys = list(COLUMNS)
+    figures = []
+    if rows:
+        save_figure(plot_loss_panels(rows), out / "loss_curves.png")
+        save_figure(plot_accuracy_bars(rows), out / "accuracy.png")
+        figures = [("loss_curves.png", "Training and validation loss per run"),
+                   ("accuracy.png", "Test accuracy per run")]
+    text = written_comparison(rows)
+
+    def fmt(r, k, bold):
+        c = _cell(r, k)
+        return bold(c) if k in best and r["status"] in OK and r.get(k) == best[k] else c
+
+    md = [f"# {title}", "", *notes, "", "## Comparison", "", *text, "",
+          "| " + " | ".join(COLUMNS[k][0] for k in keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join(fmt(r, k, lambda c: f"**{c}**") for k in keys) + " |" for r in rows]
+    md += [f"| {n} | " + " | ".join("–" for _ in keys[1:-1]) + f" | {why} |" for n, why in unavailable]
+    md += ["", "Bold: best among the runs that completed. ⚠: diverged or failed runs, left out of best.", ""]
+    md += [f"## {cap}\n\n![{cap}]({f})\n" for f, cap in figures]
+    md += ["## Confusion matrices", "", "See report.html: each cell links to the misclassified test images behind it.",
+           ""]
+    md_path = atomic_write(out / "report.md", "\n".join(md))
+
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+         "body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ccc;"
+         "padding:.2em .5em;text-align:right}td:first-child,th:first-child{text-align:left}"
+         "td.best{font-weight:bold;background:#e6f4ea}tr.bad td{color:#a33}img{max-width:100%}"
+         ".cms{display:flex;flex-wrap:wrap;gap:1.5em}.cm td{min-width:2.2em;text-align:center}"
+         ".cell{margin:.6em 0}.cell img{width:64px;height:64px;margin:1px;image-rendering:pixelated}"
+         "</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    h += [f"<p>{html.escape(n)}</p>" for n in notes if n]
+    h.append("<h2>Comparison</h2>" + "".join(f"<p>{_bold_html(t)}</p>" for t in text))
+    h.append("<table><tr>" + "".join(f"<th>{html.escape(COLUMNS[k][0])}</th>" for k in keys) + "</tr>")
+    for r in rows:
+        cls = "" if r["status"] in OK else " class='bad'"
+        h.append(f"<tr{cls}>" + "".join(
+            f"<td class='best'>{html.escape(_cell(r, k))}</td>" if k in best and r["status"] in OK and r.get(k) == best[k]
+            else f"<td>{html.escape(_cell(r, k))}</td>" for k in keys) + "</tr>")
+    for n, why in unavailable:
+        h.append(f"<tr class='bad'><td>{html.escape(n)}</td>" + "<td>–</td>" * (len(keys) - 2)
+                 + f"<td>{html.escape(why)}</td></tr>")
+    h.append("</table><p><small>Highlighted: best among the runs that completed. Red: diverged, failed or not run."
+             "</small></p>")
+    h += [f"<h2>{cap}</h2>{_img(out / f, cap)}" for f, cap in figures]
+    cms, galleries = [], []
+    for i, r in enumerate(rows):
+        table, gallery = _confusion_html(i, r, per_cell)
+        if table:
+            cms.append(f"<div><h3>{html.escape(r['name'])} ({_cell(r, 'accuracy')})</h3>{table}</div>")
+            galleries.append(gallery)
+    if cms:
+        h.append("<h2>Confusion matrices</h2><p>Rows: true class; columns: predicted. "
+                 "Click a count to see the misclassified test images behind it.</p>")
+        h.append(f"<div class='cms'>{''.join(cms)}</div><h2>Misclassified test images</h2>{''.join(galleries)}")
+    h.append("</body></html>")
+    html_path = atomic_write(out / "report.html", "\n".join(h))
+    return md_path, html_path

@@ -1,0 +1,106 @@
+"""The learning-rate range test (Leslie Smith; fastai's lr_find): raise the learning rate
+exponentially for one short pass, watch the loss, and suggest a rate from where it was lowest.
+
+Single-batch losses are noisy, so the curve is smoothed (bias-corrected moving average) before
+anything is read from it, and the suggestion is the minimum of the smoothed curve divided by 10:
+the rate where the loss is still falling steadily, not the edge where it blows up. A noisy dip
+right before the blow-up cannot move the minimum of a smoothed curve far. The model's weights are
+restored afterwards, so the test leaves no trace on the training that follows.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnlab.train.optim import build_optimizer
+
+
+def smooth(losses: list[float], beta: float = 0.9) -> np.ndarray:
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return np.array(out)
+
+
+def suggest_lr(lrs: list[float], losses: list[float], skip: int = 5) -> dict:
+    """The suggestion (min of the smoothed loss / 10) and the steepest-descent rate, from one range test."""
+    s = smooth(losses)
+    lo = min(skip, max(0, len(s) - 2))
+    k = lo + int(np.argmin(s[lo:]))
+    grad = np.gradient(s[lo: k + 1], np.log(lrs[lo: k + 1])) if k - lo >= 2 else np.zeros(1)
+    steep = lo + int(np.argmin(grad))
+    return {"suggestion": float(max(lrs[0], lrs[k] / 10)), "lr_min_loss": float(lrs[k]),
+            "lr_steepest": float(lrs[steep]), "smoothed": s.tolist()}
+
+
+def lr_range_test(model: nn.Module, loader, cfg, device: torch.device, start: float = 1e-7, end: float = 10.0,
+                  steps: int = 100, criterion=None) -> dict:
+    """Train `steps` batches with the lr rising from `start` to `end`; stop once the loss explodes.
+
+    Args:
+        cfg: the training section (optimizer, momentum, weight decay are the run's own).
+    Returns:
+        {'lrs', 'losses', 'smoothed', 'suggestion', 'lr_min_loss', 'lr_steepest'}; the model is unchanged.
+    """
+    saved = copy.deepcopy(model.state_dict())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    criterion = criterion or nn.CrossEntropyLoss()
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    lrs, losses, best = [], [], math.inf
+    model.train()
+    batches = iter(())
+    for i in range(steps):
+        try:
+            x, y, _ = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, y, _ = next(batches)
+        lr = start * factor ** i
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = criterion(model(x.to(device)).float(), y.to(device))
+        if not math.isfinite(loss.item()):
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lrs.append(lr)
+        losses.append(loss.item())
+        current = smooth(losses)[-1]
+        if i > 10 and current > 4 * best:  # exploded: the rest of the range says nothing
+            break
+        best = min(best, current)
+    model.load_state_dict(saved)
+    if len(lrs) < 3:
+        return {"lrs": lrs, "losses": losses, "smoothed": losses, "suggestion": start, "lr_min_loss": start,
+                "lr_steepest": start}
+    return {"lrs": lrs, "losses": losses, **suggest_lr(lrs, losses)}
+
+
+def plot_lr_find(result: dict, title: str = ""):
+    from cnnlab.core.figures import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(result["lrs"], result["losses"], color="#bbb", lw=1, label="loss per batch")
+    ax.plot(result["lrs"], result["smoothed"], color="#36c", lw=2, label="smoothed")
+    ax.axvline(result["suggestion"], color="#2a8", ls="--", label=f"suggestion {result['suggestion']:.2g}")
+    ax.axvline(result["lr_min_loss"], color="#b60", ls=":", label=f"lowest loss at {result['lr_min_loss']:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    top = np.percentile(result["losses"], 95) if result["losses"] else 1
+    ax.set_ylim(min(result["smoothed"]) * 0.9 if result["smoothed"] else 0, top * 1.1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,152 @@
+"""Studies, the comparison report and the learning-rate range test, on a small real subset."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cnnlab.cli import main
+from cnnlab.report.compare import load_run
+from cnnlab.train.lr_find import suggest_lr
+
+
+def _study_file(tmp_path: Path, cifar_root: Path, extra_runs=()) -> Path:
+    study = {"name": "sweep", "description": "two learning rates",
+             "defaults": {"data": {"path": str(cifar_root), "limit_per_class": 30},
+                          "train": {"epochs": 2, "batch_size": 32}},
+             "runs": [{"name": "small", "model": {"name": "cnn_small"}, "lrs": [0.003, 0.3]}, *extra_runs]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(cifar_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    missing = {"name": "lite-no-weights", "model": {"name": "resnet18", "pretrained": True},
+               "train": {"freeze": True, "epochs": 1}}
+    path = _study_file(tmp, cifar_root, [missing])
+    assert main(["study", str(path), "--out", str(tmp / "studies"), "--no-progress"]) == 0
+    return tmp / "studies" / "sweep", path
+
+
+def test_report_table_matches_the_runs_summaries(study):
+    folder, _ = study
+    state = json.loads((folder / "study.json").read_text())
+    runs = {c["name"]: Path(c["run"]) for c in state["children"] if c["run"]}
+    assert set(runs) == {"small-lr0.003", "small-lr0.3"}
+    md = (folder / "report.md").read_text()
+    html = (folder / "report.html").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| run |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        if len(cells) == len(cols) and cells[0] in runs:
+            rows[cells[0]] = dict(zip(cols, cells))
+    assert set(rows) == set(runs)
+    for name, run in runs.items():
+        s = json.loads((run / "summary.json").read_text())
+        row = rows[name]
+        assert row["test acc"] == f"{s['test']['accuracy']:.2%}"
+        assert row["F1 macro"] == f"{s['test']['f1_macro']:.4f}"
+        assert row["F1 weighted"] == f"{s['test']['f1_weighted']:.4f}"
+        assert row["params"] == f"{s['model']['params_total']:,}"
+        assert row["train s"] == f"{s['time']['train_seconds']:.0f}"
+        assert row["ms/image (b=1)"] == f"{s['inference']['latency_ms']:.2f}"
+        assert row["lr"] == f"{s['phases'][-1]['lr']:g}"
+        assert row["status"].endswith(s["status"])
+    # the pretrained run without weights on this machine is a row that says so, not a failed study
+    assert "lite-no-weights" in md and "weights not available" in md
+    for fig in ("loss_curves.png", "accuracy.png"):
+        assert (folder / fig).stat().st_size > 1000
+    # confusion-matrix cells link to galleries of the misclassified images behind them
+    links = re.findall(r"href='#(r\d+-\d+-\d+)'", html)
+    assert links and all(f"id='{a}'" in html for a in links)
+    assert "data:image/jpeg;base64," in html and "has the best test accuracy" in html
+
+
+def test_report_rebuilds_from_folders_alone(study, tmp_path, capsys):
+    folder, _ = study
+    before = (folder / "report.md").read_text()
+    (folder / "report.md").unlink()
+    assert main(["report", str(folder)]) == 0
+    assert (folder / "report.md").read_text() == before
+    runs = sorted((folder / "runs").iterdir())
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "report.html").is_file()
+
+
+def test_restarted_study_redoes_nothing_finished(study, capsys):
+    folder, path = study
+    state = json.loads((folder / "study.json").read_text())
+    done = [Path(c["run"]) for c in state["children"] if c["run"]]
+    stamps = {r: (r / "summary.json").stat().st_mtime_ns for r in done}
+    # a run killed mid-way leaves a folder without summary.json: the restart finishes only that one
+    victim = done[1]
+    (victim / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["study", str(path), "--out", str(folder.parent), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "small-lr0.003: already finished" in out
+    assert (done[0] / "summary.json").stat().st_mtime_ns == stamps[done[0]]
+    assert (victim / "summary.json").is_file()
+    assert len(list((folder / "runs").iterdir())) == 2  # finished from its checkpoint, no new folder
+    assert f"resuming {victim}" in out
+
+
+def test_study_mistakes_exit_2(tmp_path, capsys, cifar_root):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "runs": [{"model": {"name": "cnn_small"}, "train": {"lr": -1}}]}))
+    assert main(["study", str(bad), "--out", str(tmp_path / "s")]) == 2
+    assert "train.lr must be above 0" in capsys.readouterr().err
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"name": "rw", "data_help": "Download RealWaste first.",
+                                       "defaults": {"data": {"path": str(tmp_path / "realwaste")}},
+                                       "runs": [{"model": {"name": "cnn_small"}}]}))
+    assert main(["study", str(missing), "--out", str(tmp_path / "s")]) == 2
+    assert "Download RealWaste first." in capsys.readouterr().err
+    assert main(["study", str(Path(__file__).parents[1] / "configs" / "study_report001.yaml"),
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "RealWaste is not on this machine" in capsys.readouterr().err
+
+
+def test_lr_suggestion_is_not_fooled_by_noise():
+    """A valley at 1e-2 under heavy batch noise and one outlier dip near the blow-up."""
+    rng = np.random.default_rng(0)
+    lrs = np.logspace(-6, 1, 100)
+    x = np.log10(lrs)
+    clean = 2.3 - 1.2 / (1 + np.exp(-(x + 4) * 2)) + np.where(x > -2, (x + 2) ** 2, 0)
+    for seed in range(5):
+        noisy = clean + rng.normal(0, 0.15, len(lrs))
+        noisy[85] = 0.0  # a freak batch right before the explosion
+        s = suggest_lr(list(lrs), list(noisy))
+        assert 1e-4 <= s["suggestion"] <= 3e-3, (seed, s["suggestion"])
+
+
+def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
+    assert main(["lr-find", "--data", str(cifar_root), "--model", "cnn_small", "--out", str(tmp_path),
+                 "--set", "data.limit_per_class=30"]) == 0
+    out = capsys.readouterr().out
+    folder = Path(out.strip().splitlines()[-1].split(": ", 1)[1])
+    result = json.loads((folder / "lr_find.json").read_text())
+    assert 1e-6 < result["suggestion"] < 1 and len(result["lrs"]) == len(result["losses"]) >= 20
+    assert (folder / "lr_find.png").stat().st_size > 1000
+    assert main(["train", "--data", str(cifar_root), "--model", "cnn_small", "--lr", "auto", "--epochs", "1",
+                 "--out", str(tmp_path / "runs"), "--set", "data.limit_per_class=30", "--no-progress"]) == 0
+    run = Path(capsys.readouterr().out.strip().splitlines()[-1][len("run: "):])
+    s = json.loads((run / "summary.json").read_text())
+    assert isinstance(s["phases"][0]["lr"], float) and 1e-6 < s["phases"][0]["lr"] < 1
+    assert "lr auto: range test suggests" in (run / "log.txt").read_text()
+
+
+def test_load_run_reads_only_files(study):
+    folder, _ = study
+    run = next(p for p in (folder / "runs").iterdir())
+    row = load_run(run, "x", "g")
+    assert row["size_mb"] == pytest.approx((run / "model.safetensors").stat().st_size / 2**20)
