@@ -288,3 +288,21 @@ def test_page_in_headless_chromium(server, trained, cifar_root):
     for c, p in api["probabilities"].items():
         assert abs(shown[c] - p) < 1e-9
     assert (ARTIFACTS / "serve_page.png").stat().st_size > 5000
+
+
+def test_api_key_guards_predict(trained, cifar_root):
+    from fastapi.testclient import TestClient
+
+    from cnnlab.serve.app import create_app
+
+    image = (cifar_root / _test_rows(trained, 1)[0]["path"]).read_bytes()
+    with TestClient(create_app(str(trained / "bundle"), api_key="s3cret")) as client:
+        assert client.post("/predict", content=image).status_code == 401
+        assert client.post("/predict", content=image, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert client.post("/predict", content=image, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get("/readyz").status_code == 200  # health stays open
+
+
+def test_serve_refuses_what_is_not_a_model(tmp_path, capsys):
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "neither a bundle nor a trained run folder" in capsys.readouterr().err

@@ -54,6 +54,31 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class Metrics:
+    """ASGI middleware: count every answer by path and status, and time it (plain ASGI: no extra task)."""
+
+    def __init__(self, app, requests, latency):
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500  # an exception that escapes is a 500
+
+        async def sent(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+            self.requests.labels(path, str(status)).inc()
+            self.latency.labels(path).observe(time.perf_counter() - start)
+
+
 def _status_for(error: DecodeError) -> int:
     text = str(error)
     if "decompression bomb" in text:
@@ -87,19 +112,7 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
 
     app = FastAPI(title="cnnlab", summary="Upload an image, get every class's probability.", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=max_body)
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        known = request.url.path if request.url.path in KNOWN_PATHS else "other"
-        try:
-            response = await call_next(request)
-        except Exception:
-            requests.labels(known, "500").inc()
-            raise
-        requests.labels(known, str(response.status_code)).inc()
-        latency.labels(known).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Metrics, requests=requests, latency=latency)  # outermost: sees every answer
 
     def _engine() -> Engine:
         if state["engine"] is None:
@@ -120,11 +133,10 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     async def _classify(engine: Engine, data: bytes) -> dict:
         if not data:
             raise HTTPException(415, "empty upload: send an image file")
-        try:
-            array = await run_in_threadpool(engine.decode, data)
+        try:  # decode and model in one worker-thread hop: the event loop never waits on an image
+            probs = await run_in_threadpool(engine.predict_bytes, data)
         except DecodeError as e:
             raise HTTPException(_status_for(e), f"not a usable image: {e}") from None
-        probs = (await run_in_threadpool(engine.predict_arrays, [array]))[0]
         return _answer(engine, probs)
 
     async def _form(request: Request, max_files: int):

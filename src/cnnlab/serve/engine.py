@@ -71,6 +71,10 @@ class Engine:
         x = to_model_input(torch.from_numpy(np.stack(arrays)), self.mean, self.std)
         return _softmax(self._run(x))
 
+    def predict_bytes(self, data: bytes) -> np.ndarray:
+        """Class probabilities (K,) for one encoded image."""
+        return self.predict_arrays([self.decode(data)])[0]
+
     def predict_files(self, paths) -> np.ndarray:
         return self.predict_arrays([self.decode(p) for p in paths])
 
