@@ -51,8 +51,11 @@ def main() -> None:
         lines.append(f"| {lr:g} | {f'{ref:.2f}%' if ref else '-'} | {acc} | {s['status']} | {s['best_epoch']} / "
                      f"{len(epochs)} | {f1} | {s['time']['train_seconds'] / 60:.1f} min | "
                      f"{sum(epochs) / max(1, len(epochs)):.0f} | `{run.name}` |")
+    runs.sort(key=lambda r: json.loads((r / "summary.json").read_text())["train"]["lr"])
+    report = api.report(runs, Path(args.out) / "report000-comparison", log=lambda m: None)
     lines += ["", "Test split: the 10,000 test images; validation: 5,000 images carved (stratified) from train. "
-              "A `failed_to_learn` row is flagged and is not a result."]
+              "A `failed_to_learn` row is flagged and is not a result. The comparison report of these runs "
+              f"(`cnnlab report`): `{report.relative_to(ROOT) if report.is_relative_to(ROOT) else report}/report.html`."]
     body = "\n".join(lines)
     print(body)
     update_section("report000", body)

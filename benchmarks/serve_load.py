@@ -71,8 +71,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[unit]
+    value, unit = re.match(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
 def _wrk(port: int, image: Path, seconds: int, connections: int) -> dict:
@@ -97,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--connections", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--cifar-run", help="a trained report000_cnn run (default: train one, 2 epochs)")
     ap.add_argument("--lite-run", help="a trained efficientnet_lite0 run (default: train one, frozen)")
     args = ap.parse_args()
@@ -115,7 +115,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "cnnlab", "export", str(run)], check=True, capture_output=True)
         servers = [("naive: FastAPI + PyTorch eager, 1 worker, default threads",
                     lambda p: [sys.executable, str(HERE / "naive_server.py"), str(run), str(p)]),
-                   (f"cnnlab serve --workers {args.workers} (ONNX Runtime, 1 thread each)",
+                   (f"cnnlab serve, {args.workers} workers (ONNX Runtime, 1 thread each)",
                     lambda p: [sys.executable, "-m", "cnnlab", "serve", str(run), "--port", str(p),
                                "--workers", str(args.workers)])]
         for shared in (False, True):
@@ -136,7 +136,7 @@ def main() -> None:
             f"CIFAR-10 JPEG ({image.stat().st_size} bytes); servers and wrk on the same 2 cores; each pair measured "
             "back to back in one run.", "",
             "| model | server | requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
-    body += [f"| {m} | {s} | {r['rps']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |" for m, s, r in rows]
+    body += [f"| {m} | {s} | {r['rps']:,.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |" for m, s, r in rows]
     update_section("serve_load", "\n".join(body))
 
 

@@ -46,7 +46,7 @@ def trained(cifar_root, tmp_path_factory):
 def server(trained):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(trained), "--port", str(port),
-                             "--max-body-mb", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--max-body-mb", "1", "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:  # bounded wait for the model to load

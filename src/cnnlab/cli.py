@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="RUN_OR_BUNDLE")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="server processes, each with the model loaded once")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="server processes, each with the model loaded once (default: one per core, at most 4)")
     p.add_argument("--threads", type=int, default=1, help="inference threads per worker")
     p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"])
     p.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body (413 above it)")

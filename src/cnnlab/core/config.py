@@ -225,6 +225,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
 
 
+def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict:
+    """A YAML file that must hold a mapping; every way it can be wrong is a UserError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {p} not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {p} must hold a mapping with {holds}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None, sets: list[str] = ()) -> Config:
     """Read a YAML config, apply nested `overrides` and `--set` strings, validate, return Config.
 
@@ -233,17 +247,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, s
         overrides: nested dict merged over the file (the CLI's flags).
         sets: `section.key=value` strings applied last.
     """
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} not found; pass a YAML file or leave it out for the defaults")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {p} must hold a mapping with data/model/train sections")
+    raw = read_yaml_mapping(path, "config file", "data/model/train sections") if path else {}
     merged = _merge(raw, overrides or {})
     for s in sets:
         keys, value = parse_override(s)

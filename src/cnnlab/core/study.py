@@ -19,9 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from cnnlab.core.config import Config, _merge, config_from_dict, parse_override
+from cnnlab.core.config import Config, _merge, config_from_dict, parse_override, read_yaml_mapping
 from cnnlab.core.errors import UserError
 
 ENTRY_KEYS = {"name", "lrs", "data", "model", "train"}
@@ -49,14 +47,9 @@ def _lr_label(lr) -> str:
 def load_study(path: str | Path, sets: list[str] = ()) -> Study:
     """Read and validate a study file; `sets` (`train.epochs=2`) apply to every child."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"study file {p} not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"study file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_yaml_mapping(p, "study file", "name, defaults and runs")
     unknown = set(raw) - {"name", "description", "data_help", "defaults", "runs"}
-    if not isinstance(raw, dict) or unknown:
+    if unknown:
         raise UserError(f"study file {p}: unknown keys {sorted(unknown)}; use name, description, data_help, "
                         "defaults, runs")
     if not raw.get("runs"):

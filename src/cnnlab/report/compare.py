@@ -260,7 +260,8 @@ def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] =
          "</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     h += [f"<p>{html.escape(n)}</p>" for n in notes if n]
     h.append("<h2>Comparison</h2>" + "".join(f"<p>{_bold_html(t)}</p>" for t in text))
-    h.append("<table><tr>" + "".join(f"<th>{html.escape(COLUMNS[k][0])}</th>" for k in keys) + "</tr>")
+    h.append("<div style='overflow-x:auto'><table><tr>" + "".join(f"<th>{html.escape(COLUMNS[k][0])}</th>"
+                                                                for k in keys) + "</tr>")
     for r in rows:
         cls = "" if r["status"] in OK else " class='bad'"
         h.append(f"<tr{cls}>" + "".join(
@@ -269,7 +270,7 @@ def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] =
     for n, why in unavailable:
         h.append(f"<tr class='bad'><td>{html.escape(n)}</td>" + "<td>–</td>" * (len(keys) - 2)
                  + f"<td>{html.escape(why)}</td></tr>")
-    h.append("</table><p><small>Highlighted: best among the runs that completed. Red: diverged, failed or not run."
+    h.append("</table></div><p><small>Highlighted: best among the runs that completed. Red: diverged, failed or not run."
              "</small></p>")
     h += [f"<h2>{cap}</h2>{_img(out / f, cap)}" for f, cap in figures]
     cms, galleries = [], []

@@ -24,6 +24,7 @@ from cnnlab.serve.engine import Engine
 
 MAX_BODY = 10 * 2**20
 MAX_BATCH = 64
+INLINE_BYTES, INLINE_SECONDS = 256 * 1024, 0.003  # below both, an upload is classified on the event loop
 KNOWN_PATHS = {"/", "/livez", "/readyz", "/model", "/predict", "/predict/batch", "/metrics", "/docs", "/openapi.json"}
 
 
@@ -133,8 +134,11 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     async def _classify(engine: Engine, data: bytes) -> dict:
         if not data:
             raise HTTPException(415, "empty upload: send an image file")
-        try:  # decode and model in one worker-thread hop: the event loop never waits on an image
-            probs = await run_in_threadpool(engine.predict_bytes, data)
+        try:
+            if len(data) <= INLINE_BYTES and engine.seconds <= INLINE_SECONDS:
+                probs = engine.predict_bytes(data)  # a small image on a small model: a thread hop costs more
+            else:  # decode and model in one worker-thread hop: the event loop never waits on a big image
+                probs = await run_in_threadpool(engine.predict_bytes, data)
         except DecodeError as e:
             raise HTTPException(_status_for(e), f"not a usable image: {e}") from None
         return _answer(engine, probs)
