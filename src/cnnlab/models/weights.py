@@ -132,11 +132,15 @@ def find_weights(name: str, explicit: str = "", download: bool | None = None) ->
             return Weights(read_state_dict(path), path, f"{where}: {path}", sha256_file(path))
     if download is None:
         download = os.environ.get("CNNLAB_OFFLINE", "") not in ("1", "true", "yes")
+    why = "downloads are off (CNNLAB_OFFLINE)"
     if download:
-        path = fetch(name)
-        return Weights(read_state_dict(path), path, f"downloaded to {path}", sha256_file(path))
+        try:
+            path = fetch(name)
+            return Weights(read_state_dict(path), path, f"downloaded to {path}", sha256_file(path))
+        except UserError as e:
+            why = str(e)
     where = "\n  ".join(f"{w}: {p}" for w, p in looked) or "(no local place for this network)"
-    raise UserError(f"no pretrained weights for {name} on this machine, and downloads are off (CNNLAB_OFFLINE). "
+    raise UserError(f"no pretrained weights for {name} on this machine, and {why}. "
                     f"Looked in:\n  {where}\nSupply a file with --weights PATH (.safetensors or a .pth state dict), "
                     f"put one in $CNNLAB_WEIGHTS named {resolve(name).arch}.safetensors, or run "
                     f"`cnnlab weights fetch {name}` where a network is available")
