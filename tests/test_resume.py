@@ -157,3 +157,19 @@ def test_two_process_ddp_matches_one_process(cifar_root, tmp_path):
     # same global batch, same data order; BatchNorm sees half batches per rank, so allow 6 points
     assert abs(one["test"]["accuracy"] - two["test"]["accuracy"]) <= 0.06, (one["test"], two["test"])
     assert two["test"]["accuracy"] > 0.2  # and it learned (chance is 0.1)
+
+
+def test_resume_before_the_first_checkpoint_starts_again_in_place(cifar_root, tmp_path, capsys):
+    """A run killed before it ever checkpointed has learned nothing: --resume trains it from step one."""
+    from cnnlab.cli import main
+
+    args = ["--data", str(cifar_root), "--model", "cnn_small", "--epochs", "1", "--out", str(tmp_path),
+            "--set", "data.limit_per_class=20", "--no-progress"]
+    assert main(["train", *args]) == 0
+    (run,) = list(tmp_path.iterdir())
+    for name in ("checkpoint.safetensors", "summary.json", "model.safetensors", "history.csv", "phases.json"):
+        (run / name).unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert (run / "summary.json").is_file() and list(tmp_path.iterdir()) == [run]
+    assert "no checkpoint yet" in (run / "log.txt").read_text() or "no checkpoint yet" in capsys.readouterr().out

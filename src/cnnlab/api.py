@@ -109,7 +109,10 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass the folder printed as 'run: ...'")
-        checkpoint = load_checkpoint(run_dir)
+        if (run_dir / "checkpoint.safetensors").is_file() or (run_dir / "summary.json").is_file():
+            checkpoint = load_checkpoint(run_dir)  # a finished run has no checkpoint: this says so
+        else:  # stopped before its first checkpoint: nothing was learned yet, start again in the same folder
+            log(f"{run_dir} has no checkpoint yet: training it from the first step")
         _check_resumable(load_config(run_dir / "config.yaml"), cfg, run_dir)
     root, split = _data_and_split(cfg, log, run_dir / "split.csv" if resume else None)
     if cfg.train.batch_size % dist.world:
@@ -524,7 +527,7 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
             entry["status"] = load_json(run / "summary.json")["status"]
             log(f"{head}: already finished ({entry['status']}), skipped")
         else:
-            resume = run if run and (run / "checkpoint.safetensors").is_file() else None
+            resume = run  # a run folder without summary.json continues in place (from its checkpoint, if any)
             log(f"{head}: " + ("resuming " + str(run) if resume else "training"))
             if resume:  # a run continues with its own resolved config, as `cnnlab train --resume` does
                 cfg = load_config(run / "config.yaml")
