@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import SHARED_CIFAR10, update_section  # noqa: E402
-
 import torch  # noqa: E402
+from results import SHARED_CIFAR10, update_section  # noqa: E402
 from torch import nn  # noqa: E402
 
 BATCH = 64

@@ -11,8 +11,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from hostile import build_hostile_folder, jpeg_bytes, noise_rgb, write
+from PIL import Image
 
 from cnnlab.cli import main
 from cnnlab.core.errors import UserError

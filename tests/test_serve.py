@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,8 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from hostile import jpeg_bytes, noise_rgb, png_bomb
-from PIL import Image
+from hostile import noise_rgb, png_bomb
 
 from cnnlab.cli import main
 

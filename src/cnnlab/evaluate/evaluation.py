@@ -12,7 +12,7 @@ import numpy as np
 
 from cnnlab.core.figures import plot_image_grid, save_figure
 from cnnlab.core.runs import write_csv
-from cnnlab.data.decode import DecodeError, fit_square, decode_image
+from cnnlab.data.decode import DecodeError, decode_image, fit_square
 from cnnlab.evaluate.metrics import compute_metrics
 from cnnlab.evaluate.plots import plot_confusion_pair
 from cnnlab.evaluate.predict import Predictions

@@ -187,7 +187,7 @@ def _confusion_html(i: int, r: dict, per_cell: int) -> tuple[str, str]:
         if p["target"] != p["prediction"]:
             cells.setdefault((p["target"], p["prediction"]), []).append(p["path"])
     peak = max(max(row) for row in cm) or 1
-    out = [f"<table class='cm'><tr><th>true \\ predicted</th>"
+    out = ["<table class='cm'><tr><th>true \\ predicted</th>"
            + "".join(f"<th>{html.escape(c)}</th>" for c in classes) + "</tr>"]
     for a, true in enumerate(classes):
         out.append(f"<tr><th>{html.escape(true)}</th>")
