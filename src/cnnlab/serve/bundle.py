@@ -22,6 +22,7 @@ from cnnlab.models.checkpoint import load_model
 from cnnlab.models.weights import sha256_file
 
 FILES = ("model.safetensors", "model.json", "model.onnx")
+MAX_THRESHOLD_IMAGES = 2000  # validation images used to choose the "uncertain" threshold
 
 
 def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
@@ -40,6 +41,7 @@ def _val_threshold(run: Path, model, meta: dict) -> tuple[float, int]:
     from cnnlab.evaluate.predict import Predictor
 
     rows = [r for r in read_csv(run / "split.csv") if r["split"] == "val"]
+    rows = rows[:: max(1, len(rows) // MAX_THRESHOLD_IMAGES)]  # an even sample keeps export quick on big models
     root = Path(load_json(run / "summary.json")["data"]["root"])
     predictor, conf, correct = Predictor(model, meta), [], []
     for i in range(0, len(rows), 64):
