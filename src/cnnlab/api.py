@@ -20,32 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 from cnnlab.core.config import Config, config_to_dict, dump_config, load_config
 from cnnlab.core.env import env_info, resolve_precision, seed_everything, set_threads
 from cnnlab.core.errors import UserError
-from cnnlab.core.runs import (
-    atomic_write,
-    find_run,
-    load_json,
-    new_run_dir,
-    save_json,
-    write_csv,
-)
-from cnnlab.data.audit import AuditReport, format_report, write_audit
-from cnnlab.data.audit import audit as _audit
+from cnnlab.core.runs import atomic_write, find_run, load_json, new_run_dir, save_json, write_csv
+from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write_audit
 from cnnlab.data.decode import DecodeError
 from cnnlab.data.loaders import FileSource, Loader, make_loaders
-from cnnlab.data.sources import (
-    default_data,
-    require_trainable,
-    resolve_data,
-    scan_folder,
-)
-from cnnlab.data.splits import (
-    Row,
-    Split,
-    load_split,
-    make_split,
-    manifest_hash,
-    save_split,
-)
+from cnnlab.data.sources import default_data, require_trainable, resolve_data, scan_folder
+from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, save_split
 from cnnlab.evaluate.evaluation import write_evaluation
 from cnnlab.evaluate.plots import plot_curves
 from cnnlab.evaluate.predict import Predictor, inference_speed, predict_loader

@@ -19,13 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnlab.core.config import (
-    Config,
-    _merge,
-    config_from_dict,
-    parse_override,
-    read_yaml_mapping,
-)
+from cnnlab.core.config import Config, _merge, config_from_dict, parse_override, read_yaml_mapping
 from cnnlab.core.errors import UserError
 
 ENTRY_KEYS = {"name", "lrs", "data", "model", "train"}

@@ -2,13 +2,7 @@
 
 from cnnlab.models import simple_cnn  # noqa: F401  (registers the custom CNNs and presets)
 from cnnlab.models.pretrained import alias_entries
-from cnnlab.models.registry import (
-    add_entry,
-    create_model,
-    get_entry,
-    list_models,
-    register_model,
-)
+from cnnlab.models.registry import add_entry, create_model, get_entry, list_models, register_model
 
 for _entry in alias_entries():
     add_entry(_entry)

@@ -92,13 +92,7 @@ def _status_for(error: DecodeError) -> int:
 def create_app(path: str | None = None, engine: str | None = None, threads: int | None = None,
                max_body: int | None = None, api_key: str | None = None) -> FastAPI:
     """The app for the bundle (or run folder) at `path`; unset arguments come from CNNLAB_SERVE_* variables."""
-    from prometheus_client import (
-        CONTENT_TYPE_LATEST,
-        CollectorRegistry,
-        Counter,
-        Histogram,
-        generate_latest,
-    )
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     env = os.environ
     path = path or env["CNNLAB_SERVE_PATH"]
