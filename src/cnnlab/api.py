@@ -285,18 +285,25 @@ def _quiet(msg: str) -> None:
     pass
 
 
+def _load_saved(model, run_dir: Path) -> None:
+    """The full model's weights as the run folder holds them (after a finished phase or run)."""
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+
+
 def _initial_weights(model, name: str, cfg: Config, split: Split, log) -> dict:
     """Load the backbone's starting weights (a run with --from, or ImageNet weights); return their record."""
     m = cfg.model
     if m.init:
         run = find_run(m.init)
-        _, meta = load_model(run)
+        if not (run / "model.json").is_file() or not (run / "model.safetensors").is_file():
+            raise UserError(f"--from {run}: it has no trained model (model.json + model.safetensors)")
+        meta = load_json(run / "model.json")
         if meta["model_name"] != name or list(meta["classes"]) != list(split.classes):
             raise UserError(f"--from {run}: that run trained {meta['model_name']} on classes {meta['classes']}; "
                             f"this run wants {name} on {list(split.classes)}")
         if meta.get("model_args") != {"head": m.head, "hidden": m.head_hidden, "dropout": m.dropout, "bn": m.bn}:
             raise UserError(f"--from {run}: its head settings {meta.get('model_args')} differ from this config's")
-        model.load_state_dict(load_file(str(run / "model.safetensors")))
+        _load_saved(model, run)
         log(f"weights: from run {run}")
         return {"init_run": str(run), "weights_sha256": meta.get("weights_sha256", ""),
                 "weights_source": f"run {run}"}
@@ -318,7 +325,7 @@ def _run_phases(model, phases, loaders, cfg, run_dir, meta, *, device, precision
         if any(d["name"] == ph.name for d in done):
             continue
         if done:  # continue from the weights the finished phases left
-            model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+            _load_saved(model, run_dir)
         if ph.unfreeze is not None:
             model.set_trainable(ph.unfreeze)
         total, trainable = count_params(model)
@@ -351,7 +358,7 @@ def _run_phases(model, phases, loaders, cfg, run_dir, meta, *, device, precision
                   "params_total": total, "params_trainable": trainable, "features": features,
                   "history": result.history}
         if result.best_epoch == 0 and done:  # nothing better than the earlier phase: keep its weights
-            model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+            _load_saved(model, run_dir)
             evaluator = (model, loaders.test)
         if result.status not in ("completed", "early_stopped"):
             done.append(record)
@@ -362,7 +369,7 @@ def _run_phases(model, phases, loaders, cfg, run_dir, meta, *, device, precision
             save_json(run_dir / "phases.json", done)
         rows = rows + result.history
     if result is None:  # every phase had finished (a resume after the last epoch): the saved model is the result
-        model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+        _load_saved(model, run_dir)
         evaluator = (model, loaders.test)
     last = done[-1]
     history = [r for d in done for r in d["history"]]

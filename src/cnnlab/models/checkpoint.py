@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,3 +46,14 @@ def load_model(folder: str | Path, weights_name: str = "model.safetensors") -> t
                         f"(missing {len(missing)}, unexpected {len(unexpected)})")
     model.eval()
     return model, meta
+
+
+def to_onnx(module: torch.nn.Module, example: torch.Tensor, output: str, dynamic_batch: bool) -> bytes:
+    """ONNX bytes of `module` traced on `example` (input named "x"); the batch axis fixed or dynamic."""
+    buf = io.BytesIO()
+    axes = {"x": {0: "n"}, output: {0: "n"}} if dynamic_batch else None
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (example,), buf, input_names=["x"], output_names=[output],
+                          dynamic_axes=axes, dynamo=False, opset_version=17)
+    return buf.getvalue()

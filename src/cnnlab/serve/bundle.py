@@ -7,9 +7,7 @@ every file. `load_bundle` checks every hash before anything is used; nothing is 
 
 from __future__ import annotations
 
-import io
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from cnnlab import __version__
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import atomic_write, find_run, load_json, read_csv, save_json
-from cnnlab.models.checkpoint import load_model
+from cnnlab.models.checkpoint import load_model, to_onnx
 from cnnlab.models.weights import sha256_file
 
 FILES = ("model.safetensors", "model.json", "model.onnx")
@@ -54,17 +52,6 @@ def _val_threshold(run: Path, model, meta: dict) -> tuple[float, int]:
     return uncertainty_threshold(np.array(conf), np.array(correct, dtype=bool)), len(conf)
 
 
-def export_onnx(model: torch.nn.Module, image_size: int) -> bytes:
-    """The whole model (logits) with a dynamic batch axis."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, 3, image_size, image_size),), buf, input_names=["x"],
-                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-                          dynamo=False, opset_version=17)
-    return buf.getvalue()
-
-
 def export(run: str | Path, out: str | Path | None = None, log=print) -> Path:
     """Write the bundle of `run` into `out` (default RUN/bundle); return its folder."""
     run = find_run(run)
@@ -76,7 +63,8 @@ def export(run: str | Path, out: str | Path | None = None, log=print) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "model.safetensors", folder / "model.safetensors")
     shutil.copyfile(run / "model.json", folder / "model.json")
-    atomic_write(folder / "model.onnx", export_onnx(model, meta["image_size"]))
+    size = meta["image_size"]  # the whole model (logits), any batch size
+    atomic_write(folder / "model.onnx", to_onnx(model, torch.zeros(1, 3, size, size), "logits", dynamic_batch=True))
     threshold, n_val = _val_threshold(run, model, meta)
     test = summary.get("test") or {}
     info = {"format": "cnnlab-bundle-1", "cnnlab_version": __version__, "run": run.name,

@@ -12,16 +12,15 @@ learning rate) skips extraction.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
 
 from cnnlab.data.loaders import Loader, Loaders, MemorySource
 from cnnlab.data.sources import cache_dir
+from cnnlab.models.checkpoint import to_onnx
 
 AGREE_ATOL = 1e-3  # |ORT - PyTorch| allowed, relative to the features' scale
 BATCH = 64  # extraction batch: large enough for throughput, small enough for 224 px activations
@@ -55,16 +54,11 @@ class OnnxEngine:
     def __init__(self, model, batch: int, size: int, threads: int):
         import onnxruntime as ort
 
-        buf = io.BytesIO()
-        example = torch.zeros(batch, 3, size, size)
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_Features(model.eval()), (example,), buf, input_names=["x"], output_names=["f"],
-                              dynamo=False, opset_version=17)
+        onnx = to_onnx(_Features(model), torch.zeros(batch, 3, size, size), "f", dynamic_batch=False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
         self.batch = batch
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
