@@ -1,19 +1,23 @@
-"""Training throughput: cnnlab's loop against a plain ImageFolder + DataLoader loop, side by side.
+"""Training and evaluation throughput: cnnlab's loop against a plain ImageFolder + DataLoader loop.
 
-    python benchmarks/train_throughput.py [--steps 200] [--models report000_cnn report003_cnn]
+    python benchmarks/train_throughput.py [--models fastnet_s fastnet fastnet_l report000_cnn]
+                                          [--precisions fp32 bf16] [--batch 256] [--epoch]
 
-For each network, in one process and one after the other: the plain loop a user writes
-(torchvision ImageFolder, ToTensor + Normalize, DataLoader with 2 workers, batch 64, Adam, no
-augmentation), then cnnlab's loop (uint8 tensor cache, batched crop+flip, channels_last, the same
-batch and optimizer) over the same number of steps after a warm-up. Also one whole cnnlab epoch
-through `fit` (training, validation, history and checkpoint included), compared with the plain
-loop's training-only time for the same 45,000 images. The machine's fp32 limit is measured here
-with torch.mm, and the FLOPs per training image counted with torch's FlopCounterMode.
+For each network and precision, in one process and one after the other: the plain loop a user
+writes (torchvision ImageFolder, ToTensor + Normalize, DataLoader with 2 workers, no
+augmentation), then cnnlab's path (uint8 tensor cache, batched crop+flip, channels_last) with the
+same network, batch and optimizer; training steps and then evaluation batches (eval mode, no
+grad; FastNet's flip TTA included on both sides), each timed over `--steps` batches or
+`--seconds`, whichever ends first, after warm-up. bf16 is `torch.autocast("cpu", bfloat16)` on
+both sides. The machine's matmul rates are measured here with torch.mm in fp32 and bf16, and the
+FLOPs per training image counted with torch's FlopCounterMode. `--epoch` adds one whole cnnlab
+epoch through `fit` (training, validation, history and checkpoint) per network, in fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -25,13 +29,11 @@ import torch  # noqa: E402
 from results import SHARED_CIFAR10, update_section  # noqa: E402
 from torch import nn  # noqa: E402
 
-BATCH = 64
 
-
-def matmul_gflops(n: int = 2048, reps: int = 5, rounds: int = 5) -> float:
-    """The machine's fp32 peak as torch.mm sees it: the best of a few rounds (noise only slows)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
+def matmul_gflops(dtype=torch.float32, n: int = 2048, reps: int = 5, rounds: int = 5) -> float:
+    """The machine's peak as torch.mm sees it: the best of a few rounds (noise only slows)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
         a @ b
     best = 0.0
     for _ in range(rounds):
@@ -42,42 +44,68 @@ def matmul_gflops(n: int = 2048, reps: int = 5, rounds: int = 5) -> float:
     return best
 
 
-def train_flops_per_image(model: nn.Module, size: int = 32) -> float:
+def train_flops_per_image(model: nn.Module, size: int = 32, batch: int = 16) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.randn(BATCH, 3, size, size)
+    x = torch.randn(batch, 3, size, size)
     with FlopCounterMode(display=False) as fc:
         model(x).sum().backward()
     model.zero_grad()
-    return fc.get_total_flops() / BATCH
+    return fc.get_total_flops() / batch
 
 
-def timed_steps(batches, model, opt, steps: int, warmup: int = 10) -> float:
-    """Images/s over `steps` optimizer steps after `warmup` steps (data loading included)."""
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def timed(batches, step, steps: int, seconds: float, warmup: int = 3) -> float:
+    """Images/s over `steps` calls of step(x, y) after `warmup`, stopping early after `seconds`."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(*next(it)[:2])
+    n, t0 = 0, time.perf_counter()
+    for _ in range(steps):
+        x, y = next(it)[:2]
+        step(x, y)
+        n += len(y)
+        if time.perf_counter() - t0 > seconds:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def train_step(model, opt, precision):
     crit = nn.CrossEntropyLoss()
     model.train()
-    it = iter(batches)
-    n, t0 = 0, None
-    for k in range(warmup + steps):
-        if k == warmup:
-            t0, n = time.perf_counter(), 0
-        x, y = next(it)[:2]
-        loss = crit(model(x), y)
+
+    def step(x, y):
+        with _autocast(precision):
+            loss = crit(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss.item()
-        n += len(y)
-    return n / (time.perf_counter() - t0)
+
+    return step
 
 
-def plain_loader(root: Path):
+def eval_step(model, precision):
+    model.eval()
+
+    @torch.no_grad()
+    def step(x, y):
+        with _autocast(precision):
+            model(x).float().argmax(1).tolist()
+
+    return step
+
+
+def plain_loader(root: Path, folder: str, batch: int, shuffle: bool):
     import torchvision
     from torchvision import transforms
 
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))])
-    ds = torchvision.datasets.ImageFolder(str(root / "train"), transform=tf)
-    return torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, persistent_workers=True)
+    ds = torchvision.datasets.ImageFolder(str(root / folder), transform=tf)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=2, persistent_workers=True)
 
 
 def forever(loader):
@@ -92,9 +120,12 @@ def forever(loader):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(SHARED_CIFAR10))
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--models", nargs="+", default=["report000_cnn", "report003_cnn"])
-    ap.add_argument("--no-epoch", action="store_true", help="skip the whole-epoch comparison")
+    ap.add_argument("--models", nargs="+", default=["fastnet_s", "fastnet", "fastnet_l", "report000_cnn"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=60, help="timed batches per measurement at most")
+    ap.add_argument("--seconds", type=float, default=20.0, help="time per measurement at most")
+    ap.add_argument("--epoch", action="store_true", help="also time one whole cnnlab epoch per network (fp32)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     os.environ.setdefault("CNNLAB_CACHE", str(Path(tempfile.gettempdir()) / "cnnlab-bench-cache"))
@@ -108,44 +139,50 @@ def main() -> None:
 
     root = Path(args.data)
     split = make_split(scan_folder(root), val_fraction=0.1, seed=0)
-    loaders = make_loaders(root, split, 32, BATCH, 512, augment=("crop", "flip"), log=lambda m: None)
-    peak = matmul_gflops()
-    print(f"fp32 matmul: {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads")
-    plain = plain_loader(root)
+    loaders = make_loaders(root, split, 32, args.batch, args.batch, augment=("crop", "flip"), log=lambda m: None)
+    peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    print(f"matmul: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s on {torch.get_num_threads()} threads")
+    plain_train = forever(plain_loader(root, "train", args.batch, True))
+    plain_eval = forever(plain_loader(root, "test", args.batch, False))
     rows = []
     for name in args.models:
         torch.manual_seed(0)
         flops = train_flops_per_image(create_model(name, 10))
-        limit = peak * 1e9 / flops
-        torch.manual_seed(0)
-        m = create_model(name, 10)
-        plain_ips = timed_steps(forever(plain), m, torch.optim.Adam(m.parameters(), 2.5e-4), args.steps)
-        torch.manual_seed(0)
-        m = create_model(name, 10).to(memory_format=torch.channels_last)
-        ours_ips = timed_steps(forever(loaders.train), m, torch.optim.Adam(m.parameters(), 2.5e-4), args.steps)
-        epoch_s = plain_epoch_s = None
-        if not args.no_epoch:
-            with tempfile.TemporaryDirectory() as tmp:
+        for precision in args.precisions:
+            rates = {}
+            for side, (train_batches, eval_batches) in {"plain": (plain_train, plain_eval),
+                                                          "cnnlab": (forever(loaders.train), forever(loaders.test))}.items():
                 torch.manual_seed(0)
                 m = create_model(name, 10)
-                res = fit(m, loaders, TrainConfig(epochs=1, lr=2.5e-4, batch_size=BATCH), Path(tmp),
-                          device=torch.device("cpu"), precision="fp32", log=lambda m: None, progress=False)
-                epoch_s = res.history[0]["seconds"]
-            plain_epoch_s = len(split.of("train")) / plain_ips
-        rows.append((name, flops / 1e9, limit, plain_ips, ours_ips, epoch_s, plain_epoch_s))
-        print(rows[-1])
-    lines = [f"fp32 matmul limit measured in this run: **{peak:.0f} GFLOP/s** (torch.mm 2048x2048, 2 threads). "
-             f"{args.steps} timed steps of batch {BATCH} after 10 warm-up steps, Adam.", "",
-             "| network | GFLOP / training image | limit (images/s) | plain ImageFolder loop | cnnlab loop | "
-             "cnnlab / plain | cnnlab share of limit | cnnlab whole epoch (train+val+checkpoint) | plain, training only |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, gf, limit, p, o, e, pe in rows:
-        ep = f"{e:.1f} s" if e else "-"
-        pep = f"{pe:.1f} s (extrapolated from its rate)" if pe else "-"
-        lines.append(f"| {name} | {gf:.3f} | {limit:,.0f} | {p:,.0f} img/s | {o:,.0f} img/s | {o / p:.2f}x | "
-                     f"{o / limit:.0%} | {ep} | {pep} |")
+                if side == "cnnlab":
+                    m = m.to(memory_format=torch.channels_last)
+                opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], 1e-3)
+                rates[side] = (timed(train_batches, train_step(m, opt, precision), args.steps, args.seconds),
+                               timed(eval_batches, eval_step(m, precision), args.steps, args.seconds))
+            rows.append((name, precision, flops / 1e9, rates["plain"], rates["cnnlab"],
+                         rates["cnnlab"][0] * flops / 1e9 / peaks[precision]))
+            print(rows[-1], flush=True)
+    lines = [f"Matmul rates measured in this run (torch.mm 2048x2048, {torch.get_num_threads()} threads): "
+             f"**fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s**. Batch {args.batch}, Adam; "
+             f"each rate over at most {args.steps} batches or {args.seconds:.0f} s after 3 warm-up batches.", "",
+             "| network | precision | GFLOP / training image | train: plain loop | train: cnnlab | cnnlab / plain "
+             "| cnnlab share of the matmul rate | eval: plain loop | eval: cnnlab | cnnlab / plain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, precision, gf, (pt, pe), (ot, oe), share in rows:
+        lines.append(f"| {name} | {precision} | {gf:.3f} | {pt:,.0f} img/s | {ot:,.0f} img/s | {ot / pt:.2f}x | "
+                     f"{share:.0%} | {pe:,.0f} img/s | {oe:,.0f} img/s | {oe / pe:.2f}x |")
+    if args.epoch:
+        lines += ["", "| network | one whole cnnlab epoch, fp32 (45,000 training + 5,000 validation images, "
+                  "checkpoint) |", "|---|---|"]
+        for name in args.models:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.manual_seed(0)
+                res = fit(create_model(name, 10), loaders, TrainConfig(epochs=1, lr=1e-3, batch_size=args.batch),
+                          Path(tmp), device=torch.device("cpu"), precision="fp32", log=lambda m: None, progress=False)
+            lines.append(f"| {name} | {res.history[0]['seconds']:.1f} s |")
     lines += ["", "The plain loop decodes JPEGs per sample in 2 DataLoader workers, which compete with training "
-              "for the 2 cores; it does no augmentation, while cnnlab's loop includes random crop + flip."]
+              "for the 2 cores; it does no augmentation, while cnnlab's training includes random crop + flip. "
+              "FastNet networks evaluate with flip TTA (two passes) on both sides."]
     body = "\n".join(lines)
     print(body)
     update_section("train_throughput", body)

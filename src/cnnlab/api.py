@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from cnnlab.core.config import Config, config_to_dict, dump_config, load_config
-from cnnlab.core.env import env_info, resolve_precision, seed_everything, set_threads
+from cnnlab.core.env import env_info, precision_note, resolve_precision, seed_everything, set_threads
 from cnnlab.core.errors import UserError
+from cnnlab.core.recipes import DEFAULT_MODEL
 from cnnlab.core.runs import atomic_write, find_run, load_json, new_run_dir, save_json, write_csv
 from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write_audit
 from cnnlab.data.decode import DecodeError
-from cnnlab.data.loaders import FileSource, Loader, make_loaders
+from cnnlab.data.loaders import FileSource, Loader, first_images, make_loaders
 from cnnlab.data.sources import default_data, require_trainable, resolve_data, scan_folder
 from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, save_split
 from cnnlab.evaluate.evaluation import write_evaluation
@@ -41,8 +42,6 @@ from cnnlab.train.features import feature_loaders
 from cnnlab.train.loop import HISTORY_COLUMNS, FitResult, fit
 from cnnlab.train.lr_find import lr_range_test
 from cnnlab.train.phases import plan_phases
-
-DEFAULT_MODEL = "cnn_small"
 
 
 def audit(data: str, out: str | Path = "audit.json", workers: int = 2, log=print) -> AuditReport:
@@ -71,7 +70,7 @@ def _class_weights(split: Split) -> torch.Tensor:
 
 
 # What a resumed run may change; everything else must match the checkpointed run.
-RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.checkpoint_steps", "train.threads",
+RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.checkpoint_steps", "train.threads", "train.compile",
                      "train.eval_batch_size", "data.workers", "data.loader", "data.memory_cap_mb", "out", "tag"}
 
 
@@ -156,7 +155,8 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         loaders = make_loaders(root, split, size, cfg.train.batch_size // dist.world, cfg.train.eval_batch_size,
                                loader=cfg.data.loader, memory_cap_mb=cfg.data.memory_cap_mb, augment=cfg.data.augment,
                                pad=cfg.data.crop_padding, seed=cfg.train.seed, workers=cfg.data.workers,
-                               mean_std=mean_std, crop=crop, rank=dist.rank, world=dist.world, log=tee)
+                               mean_std=mean_std, crop=crop, rank=dist.rank, world=dist.world,
+                               device=device if device.type == "cuda" and not transfer else None, log=tee)
         if dist.main:
             barrier(dist)
         if loaders.rejected:
@@ -166,6 +166,9 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         tee(f"{len(split.of('train')):,} train / {len(split.of('val')):,} val / {len(split.of('test')):,} test images, "
             f"{len(split.classes)} classes, {size}x{size} px, {loaders.kind} loader, {precision}, {threads} threads"
             + (f", {dist.world} processes" if dist.active else ""))
+        note = precision_note(cfg.train.precision, precision, device)
+        if note:
+            tee(note)
         meta = {"model_name": name, "model_args": model_args, "classes": list(split.classes), "image_size": size,
                 "input_size": input_size, "crop": crop, "mean": list(loaders.mean), "std": list(loaders.std),
                 "preprocessing": "decode (EXIF, RGB) -> shorter side to image_size / crop, centre crop -> "
@@ -173,6 +176,8 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
                                                        if input_size != size else ""),
                 "split_sha256": run_info["split_sha256"], **weights}
         model = model.to(device).to(memory_format=torch.channels_last)
+        if hasattr(model, "init_from_data") and not resume:  # e.g. FastNet's whitening stem
+            model.init_from_data(first_images(loaders.train, 5000).to(device))
         result, phase_records, evaluator = _run_phases(
             model, phases, loaders, cfg, run_dir, meta, device=device, precision=precision, threads=threads,
             class_weights=_class_weights(split) if cfg.train.class_weights == "balanced" else None,

@@ -72,6 +72,7 @@ class TrainConfig:
     deterministic: bool = False
     precision: str = "auto"  # auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16) | fp32 | bf16 | fp16 (GPU)
     threads: int = 0  # intra-op threads; 0 = all cores
+    compile: bool = False  # torch.compile the training and validation passes (pays on GPUs; slower on small CPUs)
     eval_batch_size: int = 512
     checkpoint_steps: int = 0  # also checkpoint every this many steps inside an epoch; 0 = at epoch ends only
     # two phases for pretrained backbones: frozen (train.lr, train.epochs), then fine-tuning
@@ -257,7 +258,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, s
             if not isinstance(node, dict):
                 raise UserError(f"--set {s!r}: {k} is not a section")
         node[keys[-1]] = value
-    return validate(_build(Config, merged, ""))
+    return config_from_dict(merged)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -286,4 +287,7 @@ def dump_config(cfg: Config) -> str:
 
 
 def config_from_dict(raw: dict) -> Config:
-    return validate(_build(Config, raw, ""))
+    """Validate a raw config dict; the model's recipe (core/recipes.py) fills what it leaves out."""
+    from cnnlab.core.recipes import recipe_for
+
+    return validate(_build(Config, _merge(recipe_for(raw), raw), ""))

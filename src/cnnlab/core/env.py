@@ -53,6 +53,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+def precision_note(requested: str, resolved: str, device: torch.device) -> str:
+    """A line saying why the CPU trains in the precision it does ('' when there is nothing to say)."""
+    if device.type != "cpu" or cpu_has_bf16():
+        return ""
+    if requested == "auto":
+        return "precision: fp32, because this CPU has no AMX or AVX512-BF16 (bf16 would run far slower here)"
+    if resolved == "bf16":
+        return "warning: this CPU has no AMX or AVX512-BF16; bf16 autocast runs many times slower than fp32 here"
+    return ""
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -2,7 +2,8 @@
 
 Loaders hand uint8 batches (N, 3, H, W) to `to_model_input`, the one place where pixels become
 the model's float input; training adds the random ops in `augment_batch`. Each op draws from the
-run's own torch.Generator, so a seed fixes the augmentation too.
+run's own torch.Generator, so a seed fixes the augmentation too. The random numbers are drawn on
+the CPU and moved to the batch's device, so a batch on a GPU is augmented there with the same draws.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch.nn.functional as F
 
 def to_model_input(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> normalised float32 in channels_last (faster convolutions on CPU)."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
     return ((x.float() - m) / s).contiguous(memory_format=torch.channels_last)
 
 
@@ -24,15 +25,15 @@ def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
         return x
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if pad < min(h, w) else "replicate")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w + 2 * pad)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * pad)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
     return padded.gather(2, rows).gather(3, cols)
 
 
 def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -40,9 +41,9 @@ def cutout(x: torch.Tensor, g: torch.Generator, frac: float = 0.25) -> torch.Ten
     """Zero one random square of side `frac` x image side per sample (zero = the mean pixel)."""
     n, _, h, w = x.shape
     size = max(1, int(min(h, w) * frac))
-    cy = torch.randint(0, h, (n,), generator=g)[:, None]
-    cx = torch.randint(0, w, (n,), generator=g)[:, None]
-    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    cy = torch.randint(0, h, (n,), generator=g)[:, None].to(x.device)
+    cx = torch.randint(0, w, (n,), generator=g)[:, None].to(x.device)
+    ys, xs = torch.arange(h, device=x.device)[None, :], torch.arange(w, device=x.device)[None, :]
     in_y = (ys >= cy - size // 2) & (ys < cy + (size + 1) // 2)
     in_x = (xs >= cx - size // 2) & (xs < cx + (size + 1) // 2)
     hole = in_y[:, :, None] & in_x[:, None, :]
@@ -52,8 +53,8 @@ def cutout(x: torch.Tensor, g: torch.Generator, frac: float = 0.25) -> torch.Ten
 def jitter(x: torch.Tensor, g: torch.Generator, strength: float = 0.2) -> torch.Tensor:
     """Per-sample brightness and contrast jitter on normalised input."""
     n = x.shape[0]
-    contrast = 1 + (torch.rand(n, generator=g) * 2 - 1) * strength
-    bright = (torch.rand(n, generator=g) * 2 - 1) * strength
+    contrast = (1 + (torch.rand(n, generator=g) * 2 - 1) * strength).to(x.device)
+    bright = ((torch.rand(n, generator=g) * 2 - 1) * strength).to(x.device)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return (x - mean) * contrast[:, None, None, None] + mean + bright[:, None, None, None]
 

@@ -147,6 +147,12 @@ class Loader:
             yield xb, self.y[idx], idx
 
 
+def first_images(loader: Loader, n: int) -> torch.Tensor:
+    """Up to `n` of the loader's images as model input, without augmentation (data-driven init)."""
+    x8, _ = next(iter(loader.source.batches([torch.arange(min(n, len(loader.y)))])))
+    return to_model_input(x8, loader.mean, loader.std)
+
+
 class MemorySource:
     """uint8 images held in memory."""
 
@@ -215,7 +221,7 @@ def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batch_size: int, *, loader="auto",
                  memory_cap_mb=4096, augment=(), pad=4, seed=0, workers=2, mean_std=None, crop=1.0, rank=0,
-                 world=1, log=print) -> Loaders:
+                 world=1, device=None, log=print) -> Loaders:
     """Build train/val/test loaders for a split at `size` x `size` pixels.
 
     Args:
@@ -223,6 +229,7 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
             it from the training images.
         crop: centre-crop fraction of the decode (a pretrained backbone's crop_pct; 1 = none).
         rank, world: this process's shard of train and val under distributed training.
+        device: where the in-memory images live (a GPU: decoded once, then batched and augmented there).
     """
     classes = split.classes
     class_index = {c: k for k, c in enumerate(classes)}
@@ -240,7 +247,7 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
         images, errors = cached_arrays(root, rows, size, workers, log, crop)
         rejected = [(r.path, e) for r, e in zip(rows, errors) if e]
         ok = np.array([not e for e in errors], dtype=bool)
-        x_all = torch.from_numpy(images)
+        x_all = torch.from_numpy(images).to(device or "cpu")
         for s in ("train", "val", "test"):
             idx = np.flatnonzero(np.array([r.split == s for r in rows]) & ok).tolist()
             parts[s] = (MemorySource(x_all[idx]), torch.tensor([class_index[rows[i].label] for i in idx]),

@@ -1,6 +1,6 @@
 """Models: the registry and the networks in it. Importing the modules below registers them."""
 
-from cnnlab.models import simple_cnn  # noqa: F401  (registers the custom CNNs and presets)
+from cnnlab.models import fastnet, simple_cnn  # noqa: F401  (register the fast networks, custom CNNs, presets)
 from cnnlab.models.pretrained import alias_entries
 from cnnlab.models.registry import add_entry, create_model, get_entry, list_models, register_model
 

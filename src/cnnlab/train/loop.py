@@ -175,6 +175,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         FitResult; the model holds the best epoch's weights afterwards.
     """
     net = model.module if hasattr(model, "module") else model  # what gets saved
+    runner = torch.compile(model) if cfg.compile else model  # shares `model`'s parameters
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loaders.train))
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device) if class_weights is not None else None,
@@ -211,7 +212,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             lr = optimizer.param_groups[0]["lr"]
             if not p["step"]:
                 loaders.train.set_epoch(epoch)
-            result = train_one_epoch(model, loaders.train, optimizer, scheduler, criterion, precision, device, epoch,
+            result = train_one_epoch(runner, loaders.train, optimizer, scheduler, criterion, precision, device, epoch,
                                      start_step=p["step"], totals=tuple(p["totals"]), progress=progress and dist.main, dist=dist, stop=stop,
                                      checkpoint_every=cfg.checkpoint_steps,
                                      checkpoint=lambda s, t, e=epoch: checkpoint(e, s, t), scaler=scaler)
@@ -226,7 +227,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 status = "interrupted"
                 message = f"stopped during epoch {epoch}; continue with: cnnlab train --resume {run_dir}"
                 break
-            val_loss, val_acc = validate(model, loaders.val, precision, device, dist)
+            val_loss, val_acc = validate(runner, loaders.val, precision, device, dist)
             row = {"epoch": epoch, "lr": lr, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
                    "val_loss": val_loss, "val_accuracy": val_acc, "seconds": 0.0, "phase": phase}
             metric = val_acc if higher else val_loss

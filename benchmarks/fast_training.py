@@ -1,0 +1,99 @@
+"""Time to accuracy of the fast recipe on the CIFAR-10 JPEG copy: epoch budgets x seeds, from scratch.
+
+    python benchmarks/fast_training.py [--models fastnet_s fastnet] [--epochs 1 2 4 8] [--seeds 0 1 2]
+
+Each (network, epoch budget, seed) is one `cnnlab train` in its own process with the network's
+recipe (core/recipes.py) and every training image but a 1,000-image validation split, so the
+one-cycle schedule fits the budget as a user's run would. "Time to X%" is the training time of
+the smallest budget whose mean test accuracy over the seeds reaches X, as the fast-training
+literature counts it. Peak memory is the largest resident set of any one run (os.wait4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import SHARED_CIFAR10, update_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = (74.1, 85.0, 90.0, 90.7)  # report 000; issue 11's targets (90.7 = airbench94_muon on this copy)
+
+
+def train_once(model: str, epochs: int, seed: int, out: Path, data: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "cnnlab", "train", "--data", str(data), "--model", model, "--epochs", str(epochs),
+           "--seed", str(seed), "--out", str(out), "--no-progress", "--set", "data.val_fraction=0.02", *extra]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
+    run = Path(output.strip().splitlines()[-1].removeprefix("run: "))
+    s = json.loads((run / "summary.json").read_text())
+    return {"model": model, "epochs": epochs, "seed": seed, "accuracy": 100 * s["test"]["accuracy"],
+            "train_seconds": s["time"]["train_seconds"], "wall_seconds": wall,
+            "peak_mb": usage.ru_maxrss / 1024, "run": run.name}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(SHARED_CIFAR10))
+    ap.add_argument("--models", nargs="+", default=["fastnet_s", "fastnet"])
+    ap.add_argument("--epochs", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--set", action="append", default=[], help="extra --set for every run")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "fast"))
+    args = ap.parse_args()
+    os.environ.setdefault("CNNLAB_CACHE", str(Path(tempfile.gettempdir()) / "cnnlab-bench-cache"))
+    extra = [a for s in args.set for a in ("--set", s)]
+    results = []
+    for model in args.models:
+        for epochs in args.epochs:
+            for seed in args.seeds:
+                r = train_once(model, epochs, seed, Path(args.out), Path(args.data), extra)
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
+
+    lines = ["| network | epochs | test accuracy, mean ± std (min-max) | training time, mean | whole command, mean "
+             "| peak memory |", "|---|---|---|---|---|---|"]
+    budgets = {}
+    for model in args.models:
+        for epochs in args.epochs:
+            rs = [r for r in results if r["model"] == model and r["epochs"] == epochs]
+            acc = [r["accuracy"] for r in rs]
+            mean_acc = statistics.mean(acc)
+            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            t = statistics.mean(r["train_seconds"] for r in rs)
+            budgets.setdefault(model, []).append((epochs, mean_acc, t))
+            lines.append(f"| {model} | {epochs} | {mean_acc:.2f} ± {sd:.2f}% ({min(acc):.2f}-{max(acc):.2f}) | "
+                         f"{t:.0f} s | {statistics.mean(r['wall_seconds'] for r in rs):.0f} s | "
+                         f"{max(r['peak_mb'] for r in rs):,.0f} MB |")
+    lines += ["", "| target | " + " | ".join(args.models) + " |", "|---|" + "---|" * len(args.models)]
+    for target in TARGETS:
+        cells = []
+        for model in args.models:
+            hit = next(((e, a, t) for e, a, t in budgets[model] if a >= target), None)
+            cells.append(f"{hit[2]:.0f} s ({hit[0]} epochs, {hit[1]:.2f}%)" if hit else "not reached")
+        lines.append(f"| {target}% | " + " | ".join(cells) + " |")
+    lines += ["", f"{len(args.seeds)} seeds per budget ({', '.join(map(str, args.seeds))}); 49,000 training images, "
+              "1,000 validation, the 10,000 test images. Training time is the loop's (training steps plus "
+              "validation each epoch); the whole command adds loading the decoded-image cache, evaluation on "
+              "the test split with flip TTA, plots and the report."]
+    body = "\n".join(lines)
+    print(body)
+    update_section("fast_training", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Training recipes that come with a network: the settings it was measured with.
+
+When a run's model (named, or the default for small images) has a recipe, the recipe fills
+every setting the user did not give; anything in the config file, a flag or `--set` wins. The
+resolved values are what config.yaml and summary.json record, so a run says how it was trained.
+"""
+
+from __future__ import annotations
+
+DEFAULT_MODEL = "fastnet"  # used when no model is named
+
+# Measured on CIFAR-10 (benchmarks/fast_training.py): SGD with Nesterov momentum at a large batch,
+# a one-cycle schedule, label smoothing, weight decay, 2-pixel translations and mirror images.
+FAST_RECIPE = {
+    "data": {"augment": ["crop", "flip"], "crop_padding": 2},
+    "train": {"optimizer": "sgd", "nesterov": True, "momentum": 0.9, "lr": 0.2, "weight_decay": 5e-4,
+              "batch_size": 512, "epochs": 10, "schedule": "onecycle", "warmup_epochs": 0.0,
+              "label_smoothing": 0.2, "monitor": "val_accuracy"},
+}
+RECIPES = {"fastnet_s": FAST_RECIPE, "fastnet": FAST_RECIPE, "fastnet_l": FAST_RECIPE}
+
+
+def recipe_for(raw: dict) -> dict:
+    """The recipe for the model a raw config dict will train ({} when it has none)."""
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    name = model.get("name") or ("custom" if model.get("layers") else DEFAULT_MODEL)
+    return RECIPES.get(str(name), {})

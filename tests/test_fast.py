@@ -1,0 +1,77 @@
+"""The fast network and its recipe: whitening stem, flip TTA, recipe defaults, and that it learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.cli import main
+from cnnlab.core.config import load_config
+from cnnlab.models import create_model
+
+
+def test_whitening_stem_decorrelates_patches():
+    torch.manual_seed(0)
+    base = torch.randn(64, 1, 16, 16)
+    x = torch.cat([base, 0.9 * base + 0.1 * torch.randn(64, 1, 16, 16), torch.randn(64, 1, 16, 16) * 3], 1)
+    model = create_model("fastnet_s", 10)
+    model.init_from_data(x)
+    out = model.whiten(x) - model.whiten.bias.view(1, -1, 1, 1)
+    n = model.whiten.out_channels // 2
+    feats = out[:, :n].permute(0, 2, 3, 1).reshape(-1, n)
+    cov = torch.cov(feats.T)
+    assert torch.allclose(cov, torch.eye(n), atol=0.1), cov.diagonal()
+    assert torch.allclose(out[:, n:], -out[:, :n])  # each direction with both signs
+    assert not model.whiten.weight.requires_grad
+
+
+def test_eval_mode_averages_the_mirror_image():
+    torch.manual_seed(0)
+    model = create_model("fastnet_s", 10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x.flip(3)), atol=1e-5)
+        model.tta = False
+        assert not torch.allclose(model(x), model(x.flip(3)), atol=1e-5)
+    model.train()
+    assert model(x).shape == (4, 10)
+
+
+def test_recipe_fills_only_what_the_user_left_out(tmp_path):
+    cfg = load_config()  # no model named: the default network and its recipe
+    assert (cfg.train.optimizer, cfg.train.nesterov, cfg.train.schedule) == ("sgd", True, "onecycle")
+    assert cfg.train.label_smoothing > 0 and cfg.data.crop_padding == 2
+    mine = tmp_path / "c.yaml"
+    mine.write_text("train: {batch_size: 128}\n")
+    cfg = load_config(mine, {"train": {"lr": 0.05}}, ["train.epochs=3"])
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.epochs, cfg.train.optimizer) == (128, 0.05, 3, "sgd")
+    plain = load_config(None, {"model": {"name": "report000_cnn"}})
+    assert (plain.train.optimizer, plain.train.batch_size) == ("adam", 64)  # other networks keep the defaults
+
+
+@pytest.fixture(scope="module")
+def fast_run(cifar_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fast")
+    # 4,500 real training images, the recipe as the default network's (only smaller: fastnet_s)
+    code = main(["train", "--data", str(cifar_root), "--model", "fastnet_s", "--epochs", "10", "--batch-size", "128",
+                 "--out", str(out), "--no-progress", "--set", "data.limit_per_class=500"])
+    assert code == 0
+    (folder,) = list(out.iterdir())
+    return folder
+
+
+def test_fast_recipe_learns_on_a_few_thousand_images(fast_run):
+    s = json.loads((fast_run / "summary.json").read_text())
+    assert s["status"] == "completed", s.get("message")
+    assert s["train"]["optimizer"] == "sgd" and s["train"]["label_smoothing"] == 0.2
+    assert s["test"]["accuracy"] > 0.60, s["test"]["accuracy"]
+
+
+def test_fast_run_exports_with_its_tta(fast_run, tmp_path, capsys):
+    code = main(["export", str(fast_run), "--out", str(tmp_path / "bundle"), "--check"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert (Path(tmp_path) / "bundle" / "model.onnx").is_file()
