@@ -1,6 +1,6 @@
 """Time to accuracy of the fast recipe on the CIFAR-10 JPEG copy: epoch budgets x seeds, from scratch.
 
-    python benchmarks/fast_training.py [--models fastnet_s fastnet] [--epochs 1 2 4 8] [--seeds 0 1 2]
+    python benchmarks/fast_training.py [--models fastnet] [--epochs 1 2 4 8] [--seeds 0 1 2]
 
 Each (network, epoch budget, seed) is one `cnnlab train` in its own process with the network's
 recipe (core/recipes.py) and every training image but a 1,000-image validation split, so the
@@ -48,7 +48,7 @@ def train_once(model: str, epochs: int, seed: int, out: Path, data: Path, extra:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(SHARED_CIFAR10))
-    ap.add_argument("--models", nargs="+", default=["fastnet_s", "fastnet"])
+    ap.add_argument("--models", nargs="+", default=["fastnet"])
     ap.add_argument("--epochs", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], help="extra --set for every run")

@@ -1,6 +1,6 @@
 """Training and evaluation throughput: cnnlab's loop against a plain ImageFolder + DataLoader loop.
 
-    python benchmarks/train_throughput.py [--models fastnet_s fastnet fastnet_l report000_cnn]
+    python benchmarks/train_throughput.py [--models fastnet fastnet_m fastnet_l report000_cnn]
                                           [--precisions fp32 bf16] [--batch 256] [--epoch]
 
 For each network and precision, in one process and one after the other: the plain loop a user
@@ -58,7 +58,7 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def timed(batches, step, steps: int, seconds: float, warmup: int = 3) -> float:
+def timed(batches, step, steps: int, seconds: float, warmup: int = 2) -> float:
     """Images/s over `steps` calls of step(x, y) after `warmup`, stopping early after `seconds`."""
     it = iter(batches)
     for _ in range(warmup):
@@ -120,12 +120,14 @@ def forever(loader):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(SHARED_CIFAR10))
-    ap.add_argument("--models", nargs="+", default=["fastnet_s", "fastnet", "fastnet_l", "report000_cnn"])
+    ap.add_argument("--models", nargs="+", default=["fastnet", "fastnet_m", "fastnet_l", "report000_cnn"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=60, help="timed batches per measurement at most")
-    ap.add_argument("--seconds", type=float, default=20.0, help="time per measurement at most")
+    ap.add_argument("--seconds", type=float, default=15.0, help="time per measurement at most")
     ap.add_argument("--epoch", action="store_true", help="also time one whole cnnlab epoch per network (fp32)")
+    ap.add_argument("--batch-sizes", nargs="*", type=int, default=[64, 128, 256, 512, 1024],
+                    help="cnnlab training rate of the first network (fp32) at each of these batch sizes")
     args = ap.parse_args()
     torch.set_num_threads(2)
     os.environ.setdefault("CNNLAB_CACHE", str(Path(tempfile.gettempdir()) / "cnnlab-bench-cache"))
@@ -150,8 +152,8 @@ def main() -> None:
         flops = train_flops_per_image(create_model(name, 10))
         for precision in args.precisions:
             rates = {}
-            for side, (train_batches, eval_batches) in {"plain": (plain_train, plain_eval),
-                                                          "cnnlab": (forever(loaders.train), forever(loaders.test))}.items():
+            sides = {"plain": (plain_train, plain_eval), "cnnlab": (forever(loaders.train), forever(loaders.test))}
+            for side, (train_batches, eval_batches) in sides.items():
                 torch.manual_seed(0)
                 m = create_model(name, 10)
                 if side == "cnnlab":
@@ -164,13 +166,28 @@ def main() -> None:
             print(rows[-1], flush=True)
     lines = [f"Matmul rates measured in this run (torch.mm 2048x2048, {torch.get_num_threads()} threads): "
              f"**fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s**. Batch {args.batch}, Adam; "
-             f"each rate over at most {args.steps} batches or {args.seconds:.0f} s after 3 warm-up batches.", "",
+             f"each rate over at most {args.steps} batches or {args.seconds:.0f} s after 2 warm-up batches.", "",
              "| network | precision | GFLOP / training image | train: plain loop | train: cnnlab | cnnlab / plain "
              "| cnnlab share of the matmul rate | eval: plain loop | eval: cnnlab | cnnlab / plain |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, precision, gf, (pt, pe), (ot, oe), share in rows:
         lines.append(f"| {name} | {precision} | {gf:.3f} | {pt:,.0f} img/s | {ot:,.0f} img/s | {ot / pt:.2f}x | "
                      f"{share:.0%} | {pe:,.0f} img/s | {oe:,.0f} img/s | {oe / pe:.2f}x |")
+    if args.batch_sizes:
+        name = args.models[0]
+        lines += ["", f"Batch size, {name}, fp32, cnnlab training rate (the recipe's batch is chosen from this):", "",
+                  "| batch | " + " | ".join(map(str, args.batch_sizes)) + " |",
+                  "|---|" + "---|" * len(args.batch_sizes)]
+        cells = []
+        for bs in args.batch_sizes:
+            ld = make_loaders(root, split, 32, bs, bs, augment=("crop", "flip"), log=lambda m: None)
+            torch.manual_seed(0)
+            m = create_model(name, 10).to(memory_format=torch.channels_last)
+            opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], 0.1, momentum=0.9, nesterov=True)
+            rate = timed(forever(ld.train), train_step(m, opt, "fp32"), max(6, args.steps * 256 // bs), args.seconds)
+            cells.append(f"{rate:,.0f} img/s")
+            print(bs, cells[-1], flush=True)
+        lines.append("| training | " + " | ".join(cells) + " |")
     if args.epoch:
         lines += ["", "| network | one whole cnnlab epoch, fp32 (45,000 training + 5,000 validation images, "
                   "checkpoint) |", "|---|---|"]

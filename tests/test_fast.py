@@ -17,7 +17,7 @@ def test_whitening_stem_decorrelates_patches():
     torch.manual_seed(0)
     base = torch.randn(64, 1, 16, 16)
     x = torch.cat([base, 0.9 * base + 0.1 * torch.randn(64, 1, 16, 16), torch.randn(64, 1, 16, 16) * 3], 1)
-    model = create_model("fastnet_s", 10)
+    model = create_model("fastnet", 10)
     model.init_from_data(x)
     out = model.whiten(x) - model.whiten.bias.view(1, -1, 1, 1)
     n = model.whiten.out_channels // 2
@@ -30,7 +30,7 @@ def test_whitening_stem_decorrelates_patches():
 
 def test_eval_mode_averages_the_mirror_image():
     torch.manual_seed(0)
-    model = create_model("fastnet_s", 10).eval()
+    model = create_model("fastnet", 10).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(x), model(x.flip(3)), atol=1e-5)
@@ -55,8 +55,8 @@ def test_recipe_fills_only_what_the_user_left_out(tmp_path):
 @pytest.fixture(scope="module")
 def fast_run(cifar_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("fast")
-    # 4,500 real training images, the recipe as the default network's (only smaller: fastnet_s)
-    code = main(["train", "--data", str(cifar_root), "--model", "fastnet_s", "--epochs", "10", "--batch-size", "128",
+    # no --model: the default network with its recipe, on 4,500 real training images (batch 128: more steps)
+    code = main(["train", "--data", str(cifar_root), "--epochs", "10", "--batch-size", "128",
                  "--out", str(out), "--no-progress", "--set", "data.limit_per_class=500"])
     assert code == 0
     (folder,) = list(out.iterdir())
@@ -66,7 +66,7 @@ def fast_run(cifar_root, tmp_path_factory):
 def test_fast_recipe_learns_on_a_few_thousand_images(fast_run):
     s = json.loads((fast_run / "summary.json").read_text())
     assert s["status"] == "completed", s.get("message")
-    assert s["train"]["optimizer"] == "sgd" and s["train"]["label_smoothing"] == 0.2
+    assert s["model"]["name"] == "fastnet" and s["train"]["optimizer"] == "sgd" and s["train"]["label_smoothing"] == 0.2
     assert s["test"]["accuracy"] > 0.60, s["test"]["accuracy"]
 
 

@@ -176,8 +176,8 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
                                                        if input_size != size else ""),
                 "split_sha256": run_info["split_sha256"], **weights}
         model = model.to(device).to(memory_format=torch.channels_last)
-        if hasattr(model, "init_from_data") and not resume:  # e.g. FastNet's whitening stem
-            model.init_from_data(first_images(loaders.train, 5000).to(device))
+        if checkpoint is None:  # a resumed run has these layers in its checkpoint
+            _init_from_data(model, loaders, device)
         result, phase_records, evaluator = _run_phases(
             model, phases, loaders, cfg, run_dir, meta, device=device, precision=precision, threads=threads,
             class_weights=_class_weights(split) if cfg.train.class_weights == "balanced" else None,
@@ -276,14 +276,21 @@ def lr_find(cfg: Config, log=print) -> Path:
                            pad=cfg.data.crop_padding, seed=cfg.train.seed, workers=cfg.data.workers,
                            mean_std=m.mean_std, crop=m.crop, log=log)
     train_cfg = dataclasses.replace(cfg.train, lr=1e-7)
-    result = lr_range_test(m.model.to(memory_format=torch.channels_last), loaders.train, train_cfg,
-                           torch.device("cpu"))
+    model = m.model.to(memory_format=torch.channels_last)
+    _init_from_data(model, loaders, torch.device("cpu"))
+    result = lr_range_test(model, loaders.train, train_cfg, torch.device("cpu"))
     save_json(folder / "lr_find.json", {"model": m.name, "optimizer": cfg.train.optimizer, **result})
     save_figure(plot_lr_find(result, f"{m.name}, {cfg.train.optimizer}, batch {cfg.train.batch_size}"),
                 folder / "lr_find.png")
     log(f"suggested learning rate {result['suggestion']:.3g} (lowest smoothed loss at {result['lr_min_loss']:.3g}, "
         f"steepest descent at {result['lr_steepest']:.3g}); use it with --lr or set train.lr: auto")
     return folder
+
+
+def _init_from_data(model, loaders, device) -> None:
+    """Layers set from the training images before training (FastNet's whitening stem), if the model has any."""
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(first_images(loaders.train, 5000).to(device))
 
 
 def _quiet(msg: str) -> None:

@@ -17,7 +17,7 @@ FAST_RECIPE = {
               "batch_size": 512, "epochs": 10, "schedule": "onecycle", "warmup_epochs": 0.0,
               "label_smoothing": 0.2, "monitor": "val_accuracy"},
 }
-RECIPES = {"fastnet_s": FAST_RECIPE, "fastnet": FAST_RECIPE, "fastnet_l": FAST_RECIPE}
+RECIPES = {"fastnet": FAST_RECIPE, "fastnet_m": FAST_RECIPE, "fastnet_l": FAST_RECIPE}
 
 
 def recipe_for(raw: dict) -> dict:
