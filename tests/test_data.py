@@ -266,3 +266,17 @@ def test_batched_crop_and_flip_are_exact():
     flipped = [torch.equal(f[k], x[k % 2].flip(2)) for k in range(100)]
     kept = [torch.equal(f[k], x[k % 2]) for k in range(100)]
     assert all(a or b for a, b in zip(flipped, kept)) and 20 < sum(flipped) < 80
+
+
+def test_normalisation_statistics_match_the_direct_formula():
+    import torch
+
+    from cnnlab.data.loaders import _mean_std
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(3000, 3, 8, 8, generator=g) * 255).to(torch.uint8)
+    x[:, 0] //= 2  # channels with different statistics
+    direct = x.double() / 255
+    mean, std = _mean_std(x)
+    assert mean == tuple(round(v, 4) for v in direct.mean(dim=(0, 2, 3)).tolist())
+    assert std == tuple(round(v, 4) for v in direct.std(dim=(0, 2, 3)).tolist())

@@ -213,9 +213,17 @@ class Loaders:
 
 
 def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    sample = x[:: max(1, len(x) // 20_000)].double() / 255.0
-    mean = sample.mean(dim=(0, 2, 3))
-    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    """Per-channel mean and std of up to ~20,000 images, summed in chunks (no full float64 copy)."""
+    sample = x[:: max(1, len(x) // 20_000)]
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, len(sample), 1024):
+        chunk = sample[i:i + 1024].double().cpu() / 255.0
+        total += chunk.sum(dim=(0, 2, 3))
+        squares += chunk.square().sum(dim=(0, 2, 3))
+    n = max(1, sample.numel() // max(1, x.shape[1]))
+    mean = total / n
+    std = ((squares - n * mean.square()) / max(1, n - 1)).clamp_min(0).sqrt().clamp_min(1e-3)
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
