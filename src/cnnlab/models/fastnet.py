@@ -50,6 +50,11 @@ class FastNet(nn.Module):
             return self._logits(x)
         return 0.5 * (self._logits(x) + self._logits(x.flip(3)))
 
+    def reset_head(self, num_classes: int) -> None:
+        """A new classifier for `num_classes` (fine-tuning a trained FastNet on other classes)."""
+        self.head = nn.Linear(self.head.in_features, num_classes, bias=False)
+        self.num_classes = num_classes
+
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the stem to whiten 2x2 patches of `x` (normalised training images, N x 3 x H x W)."""
