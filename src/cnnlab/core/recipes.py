@@ -9,8 +9,10 @@ from __future__ import annotations
 
 DEFAULT_MODEL = "fastnet"  # used when no model is named
 
-# Measured on CIFAR-10 (benchmarks/fast_training.py): SGD with Nesterov momentum at a large batch,
-# a one-cycle schedule, label smoothing, weight decay, 2-pixel translations and mirror images.
+# The published fast CIFAR-10 ingredients: SGD with Nesterov momentum at a large batch, a one-cycle
+# schedule, label smoothing, weight decay, 2-pixel translations and mirror images. The learning rate
+# was picked among 0.05 / 0.2 / 0.8 on a short CIFAR-10 run; the time to accuracy this recipe reaches
+# is measured by benchmarks/fast_training.py.
 FAST_RECIPE = {
     "data": {"augment": ["crop", "flip"], "crop_padding": 2},
     "train": {"optimizer": "sgd", "nesterov": True, "momentum": 0.9, "lr": 0.2, "weight_decay": 5e-4,
