@@ -1,12 +1,14 @@
 """Time to accuracy of the fast recipe on the CIFAR-10 JPEG copy: epoch budgets x seeds, from scratch.
 
-    python benchmarks/fast_training.py [--models fastnet] [--epochs 1 2 4 8] [--seeds 0 1 2]
+    python benchmarks/fast_training.py [--models fastnet] [--epochs 1 2 4 8] [--seeds 0 1 2] [--keep]
 
 Each (network, epoch budget, seed) is one `cnnlab train` in its own process with the network's
 recipe (core/recipes.py) and every training image but a 1,000-image validation split, so the
 one-cycle schedule fits the budget as a user's run would. "Time to X%" is the training time of
 the smallest budget whose mean test accuracy over the seeds reaches X, as the fast-training
 literature counts it. Peak memory is the largest resident set of any one run (os.wait4).
+`--keep` adds this command's runs to those already in OUT/results.json (a rerun of the same
+network, budget and seed replaces the old one), so a longer budget costs only its own runs.
 """
 
 from __future__ import annotations
@@ -53,40 +55,47 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], help="extra --set for every run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "fast"))
+    ap.add_argument("--keep", action="store_true", help="add to the runs already in OUT/results.json")
     args = ap.parse_args()
     os.environ.setdefault("CNNLAB_CACHE", str(Path(tempfile.gettempdir()) / "cnnlab-bench-cache"))
     extra = [a for s in args.set for a in ("--set", s)]
-    results = []
+    saved = Path(args.out) / "results.json"
+    results = json.loads(saved.read_text()) if args.keep and saved.exists() else []
+    if any(r.get("set", []) != args.set for r in results):
+        raise SystemExit(f"{saved} holds runs made with other --set options; rerun without --keep")
     for model in args.models:
         for epochs in args.epochs:
             for seed in args.seeds:
-                r = train_once(model, epochs, seed, Path(args.out), Path(args.data), extra)
+                r = train_once(model, epochs, seed, Path(args.out), Path(args.data), extra) | {"set": args.set}
                 print(json.dumps(r), flush=True)
+                results = [o for o in results if (o["model"], o["epochs"], o["seed"]) != (model, epochs, seed)]
                 results.append(r)
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
+                saved.write_text(json.dumps(results, indent=1))  # after each run: a stopped benchmark keeps them
 
     lines = ["| network | epochs | test accuracy, mean ± std (min-max) | training time, mean | whole command, mean "
              "| peak memory |", "|---|---|---|---|---|---|"]
     budgets = {}
-    for model in args.models:
-        for epochs in args.epochs:
+    models = list(dict.fromkeys(r["model"] for r in results))
+    for model in models:
+        for epochs in sorted({r["epochs"] for r in results if r["model"] == model}):
             rs = [r for r in results if r["model"] == model and r["epochs"] == epochs]
             acc = [r["accuracy"] for r in rs]
             mean_acc = statistics.mean(acc)
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             t = statistics.mean(r["train_seconds"] for r in rs)
             budgets.setdefault(model, []).append((epochs, mean_acc, t))
-            lines.append(f"| {model} | {epochs} | {mean_acc:.2f} ± {sd:.2f}% ({min(acc):.2f}-{max(acc):.2f}) | "
-                         f"{t:.0f} s | {statistics.mean(r['wall_seconds'] for r in rs):.0f} s | "
+            lines.append(f"| {model} | {epochs} | {mean_acc:.2f} ± {sd:.2f}% ({min(acc):.2f}-{max(acc):.2f}, "
+                         f"{len(acc)} seeds) | {t:.0f} s | {statistics.mean(r['wall_seconds'] for r in rs):.0f} s | "
                          f"{max(r['peak_mb'] for r in rs):,.0f} MB |")
-    lines += ["", "| target | " + " | ".join(args.models) + " |", "|---|" + "---|" * len(args.models)]
+    lines += ["", "| target | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for target in TARGETS:
         cells = []
-        for model in args.models:
+        for model in models:
             hit = next(((e, a, t) for e, a, t in budgets[model] if a >= target), None)
             cells.append(f"{hit[2]:.0f} s ({hit[0]} epochs, {hit[1]:.2f}%)" if hit else "not reached")
         lines.append(f"| {target}% | " + " | ".join(cells) + " |")
-    lines += ["", f"{len(args.seeds)} seeds per budget ({', '.join(map(str, args.seeds))}); 49,000 training images, "
+    seeds = sorted({r["seed"] for r in results})
+    lines += ["", f"Seeds {', '.join(map(str, seeds))}; 49,000 training images, "
               "1,000 validation, the 10,000 test images. Training time is the loop's (training steps plus "
               "validation each epoch); the whole command adds loading the decoded-image cache, evaluation on "
               "the test split with flip TTA, plots and the report."]
