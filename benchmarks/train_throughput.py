@@ -151,7 +151,8 @@ def main() -> None:
     split = make_split(scan_folder(root), val_fraction=0.1, seed=0)
     loaders = make_loaders(root, split, 32, args.batch, args.batch, augment=("crop", "flip"), log=lambda m: None)
     peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
-    print(f"matmul: fp32 {peaks['fp32']:.3g}, bf16 {peaks['bf16']:.3g} GFLOP/s on {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print(f"matmul: fp32 {peaks['fp32']:.3g}, bf16 {peaks['bf16']:.3g} GFLOP/s on {threads} threads")
     plain_train = forever(plain_loader(root, "train", args.batch, True))
     plain_eval = forever(plain_loader(root, "test", args.batch, False))
     rows = []
@@ -172,7 +173,6 @@ def main() -> None:
             rows.append((name, precision, flops / 1e9, rates["plain"], rates["cnnlab"],
                          rates["cnnlab"][0] * flops / 1e9 / peaks[precision]))
             print(rows[-1], flush=True)
-    threads = torch.get_num_threads()
     lines = [f"Matmul rates measured in this run (torch.mm, square, up to 2048, {threads} threads): "
              f"**fp32 {peaks['fp32']:.3g} GFLOP/s, bf16 {peaks['bf16']:.3g} GFLOP/s**. Batch {args.batch}, Adam; "
              f"each rate over at most {args.steps} batches or {args.seconds:.0f} s after 2 warm-up batches.", "",
