@@ -10,6 +10,7 @@ import torch
 
 from cnnlab.cli import main
 from cnnlab.core.config import load_config
+from cnnlab.core.env import cpu_has_bf16, precision_note, resolve_precision
 from cnnlab.models import create_model
 
 
@@ -75,3 +76,24 @@ def test_fast_run_exports_with_its_tta(fast_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert (Path(tmp_path) / "bundle" / "model.onnx").is_file()
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with bf16 hardware (AMX or AVX512-BF16); "
+                    "emulated bf16 trains about 13x slower")
+def test_bf16_training_learns(cifar_root, tmp_path, capsys):
+    code = main(["train", "--data", str(cifar_root), "--precision", "bf16", "--epochs", "4", "--batch-size", "128",
+                 "--out", str(tmp_path), "--no-progress", "--set", "data.limit_per_class=250"])
+    assert code == 0, capsys.readouterr().err
+    (run,) = list(tmp_path.iterdir())
+    s = json.loads((run / "summary.json").read_text())
+    assert s["precision"] == "bf16" and "bf16" in (run / "log.txt").read_text()
+    assert s["status"] == "completed" and s["test"]["accuracy"] > 0.40, s["test"]["accuracy"]  # chance is 0.10
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("CNNLAB_CPU_BF16", "1")
+    assert resolve_precision("auto", cpu) == "bf16" and precision_note("auto", "bf16", cpu) == ""
+    monkeypatch.setenv("CNNLAB_CPU_BF16", "0")
+    assert resolve_precision("auto", cpu) == "fp32" and "no AMX" in precision_note("auto", "fp32", cpu)
+    assert resolve_precision("fp32", cpu) == "fp32"

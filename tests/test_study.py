@@ -87,15 +87,16 @@ def test_restarted_study_redoes_nothing_finished(study, capsys):
     state = json.loads((folder / "study.json").read_text())
     done = [Path(c["run"]) for c in state["children"] if c["run"]]
     stamps = {r: (r / "summary.json").stat().st_mtime_ns for r in done}
-    # a run killed mid-way leaves a folder without summary.json: the restart finishes only that one
+    # a run stopped by a signal has summary.json saying "interrupted": the restart finishes only that one
     victim = done[1]
-    (victim / "summary.json").unlink()
+    summary = json.loads((victim / "summary.json").read_text())
+    (victim / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
     capsys.readouterr()
     assert main(["study", str(path), "--out", str(folder.parent), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "small-lr0.003: already finished" in out
     assert (done[0] / "summary.json").stat().st_mtime_ns == stamps[done[0]]
-    assert (victim / "summary.json").is_file()
+    assert json.loads((victim / "summary.json").read_text())["status"] == summary["status"]
     assert len(list((folder / "runs").iterdir())) == 2  # finished from its checkpoint, no new folder
     assert f"resuming {victim}" in out
 

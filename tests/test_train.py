@@ -35,7 +35,8 @@ def train_cli(capsys, *args) -> Path:
 def run(cifar_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     code = main(["train", "--data", str(cifar_root), "--model", "report000_cnn", "--epochs", "2", "--lr", "2e-3",
-                 "--batch-size", "32", "--out", str(out), "--set", "data.limit_per_class=40", "--no-progress"])
+                 "--batch-size", "32", "--precision", "fp32", "--out", str(out), "--set", "data.limit_per_class=40",
+                 "--no-progress"])
     assert code == 0
     (folder,) = list(out.iterdir())
     return folder
@@ -97,6 +98,19 @@ def test_predict_matches_evaluation(run, cifar_root, capsys):
             assert v == pytest.approx(float(r[f"prob_{c}"]), abs=1e-5)
 
 
+def test_predict_on_a_folder_classifies_the_images_in_it(run, cifar_root, tmp_path, capsys):
+    import shutil
+
+    rows = list(csv.DictReader(open(run / "predictions.csv")))[:3]
+    for i, r in enumerate(rows):
+        shutil.copy(cifar_root / r["path"], tmp_path / f"{i}.jpg")
+    (tmp_path / "notes.txt").write_text("not an image, left out")
+    assert main(["predict", str(run), str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [Path(o["path"]).name for o in out] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert [o["prediction"] for o in out] == [r["prediction"] for r in rows]
+
+
 def test_predict_bad_file_is_reported(run, tmp_path, capsys):
     bad = write(tmp_path / "bad.jpg", b"not really a jpeg")
     assert main(["predict", str(run), str(bad), str(tmp_path / "missing.png")]) == 2
@@ -118,7 +132,8 @@ def test_evaluate_reproduces_test_metrics(run, capsys):
 
 def test_streaming_past_the_memory_cap_trains_like_memory(cifar_root, tmp_path, capsys):
     args = ["--data", str(cifar_root), "--model", "cnn_small", "--epochs", "1", "--batch-size", "32",
-            "--out", str(tmp_path), "--seed", "3", "--deterministic", "--set", "data.limit_per_class=40"]
+            "--out", str(tmp_path), "--seed", "3", "--deterministic", "--precision", "fp32", "--set",
+            "data.limit_per_class=40"]
     a = train_cli(capsys, *args, "--tag", "a")
     # 800 images at 32 px are 2.3 MB of pixels: a 1 MB memory cap makes "auto" stream them from disk
     b = train_cli(capsys, *args, "--tag", "b", "--set", "data.memory_cap_mb=1", "--set", "data.workers=1")

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
+from cnnlab.core import signals
 from cnnlab.core.config import Config, config_to_dict, dump_config, load_config
 from cnnlab.core.env import env_info, precision_note, resolve_precision, seed_everything, set_threads
 from cnnlab.core.errors import UserError
 from cnnlab.core.recipes import DEFAULT_MODEL
-from cnnlab.core.runs import atomic_write, find_run, load_json, new_run_dir, save_json, write_csv
+from cnnlab.core.runs import atomic_write, find_run, is_finished, load_json, new_run_dir, save_json, write_csv
 from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write_audit
 from cnnlab.data.decode import DecodeError
 from cnnlab.data.loaders import FileSource, Loader, first_images, make_loaders
@@ -37,6 +38,7 @@ from cnnlab.models.pretrained import is_transfer_name, pretrained_preprocessing
 from cnnlab.models.summary import count_params, format_summary, summarize
 from cnnlab.models.weights import find_weights, load_backbone
 from cnnlab.train.checkpoints import load_checkpoint
+from cnnlab.train.distributed import is_main_process  # noqa: F401 (the CLI asks through the API)
 from cnnlab.train.distributed import barrier, broadcast, cleanup, device_for, setup
 from cnnlab.train.features import feature_loaders
 from cnnlab.train.loop import HISTORY_COLUMNS, FitResult, fit
@@ -100,6 +102,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         log: where progress lines go (also written to the run's log.txt).
         resume: a run folder to continue from its checkpoint (cfg must be compatible).
     """
+    with signals.handled():
+        return _train(cfg, progress, log, resume)
+
+
+def _train(cfg: Config, progress: bool, log, resume: str | Path | None) -> Path:
     dist = setup()
     if not dist.main:
         log = _quiet
@@ -128,14 +135,20 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
                         f"now {run_info} (different data split or number of processes)")
 
     device = device_for(dist)
-    threads = set_threads(cfg.train.threads)
+    threads = set_threads(cfg.train.threads, dist.local_world)
     precision = resolve_precision(cfg.train.precision, device)
     resolved = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, path=str(root), image_size=size),
         model=dataclasses.replace(cfg.model, name=name, input_size=input_size if transfer else 0))
-    if not resume:
-        run_dir = broadcast(new_run_dir(cfg.out, name, cfg.tag) if dist.main else None, dist)
-    log_file = open(run_dir / "log.txt", "a", buffering=1) if dist.main else None
+    with signals.deferred():  # a run folder, once it exists, holds what --resume needs
+        if not resume:
+            run_dir = broadcast(new_run_dir(cfg.out, name, cfg.tag) if dist.main else None, dist)
+        log_file = open(run_dir / "log.txt", "a", buffering=1) if dist.main else None
+        if dist.main and not resume:
+            atomic_write(run_dir / "config.yaml", dump_config(resolved))
+            save_split(split, run_dir / "split.csv")
+            save_json(run_dir / "env.json", env_info(device))
+            atomic_write(run_dir / "model_summary.txt", model_text)
 
     def tee(msg: str) -> None:
         log(msg)
@@ -144,11 +157,8 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
 
     try:
         tee(f"run folder {run_dir}" + (" (resuming)" if resume else ""))
+        signals.raise_if_requested()
         if dist.main and not resume:
-            atomic_write(run_dir / "config.yaml", dump_config(resolved))
-            save_split(split, run_dir / "split.csv")
-            save_json(run_dir / "env.json", env_info(device))
-            atomic_write(run_dir / "model_summary.txt", model_text)
             _plot_distribution(split, run_dir)
         if not dist.main:
             barrier(dist)  # rank 0 builds the tensor cache first; the others then read it
@@ -183,9 +193,15 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
             class_weights=_class_weights(split) if cfg.train.class_weights == "balanced" else None,
             log=tee, progress=progress, checkpoint=checkpoint, dist=dist, run_info=run_info)
         if dist.main:
-            _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, device, tee,
-                    phase_records, evaluator)
+            with signals.deferred():  # evaluation and report complete the folder before a signal ends the run
+                _finish(model, result, split, loaders, run_dir, root, meta, cfg, precision, device, tee,
+                        phase_records, evaluator)
         barrier(dist)
+        signals.raise_if_requested()
+    except signals.Interrupted as e:
+        e.run_dir = run_dir
+        tee(f"interrupted by {e.name}; continue with: cnnlab train --resume {run_dir}")
+        raise
     finally:
         if log_file:
             log_file.close()
@@ -455,7 +471,6 @@ def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
     Writes into `RUN/evaluations/<timestamp>/` and returns that folder.
     """
     run_dir = find_run(run)
-    cfg_raw = load_json(run_dir / "summary.json")
     model, meta = load_model(run_dir)
     classes = tuple(meta["classes"])
     if data:
@@ -463,12 +478,17 @@ def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
         scan = scan_folder(root)
         unknown = sorted(set(scan.classes) - set(classes))
         if unknown:
-            raise UserError(f"{root} has classes the model does not know: {', '.join(unknown)}")
+            raise UserError(f"{root} has classes the model does not know: {', '.join(unknown)}; the model knows "
+                            f"{', '.join(classes)}: pass a folder whose class folders are among them")
         if not scan.items:
             raise UserError(f"no images found in {root}")
         items = [i for i in scan.items if i.split == "test"] or list(scan.items)
         split = Split(tuple(Row(i.path, i.label, "test", "") for i in items), classes)
     else:
+        if not (run_dir / "summary.json").is_file():
+            raise UserError(f"{run_dir} has no summary.json, so no test split to evaluate on; finish it with "
+                            f"`cnnlab train --resume {run_dir}`, or pass --data FOLDER")
+        cfg_raw = load_json(run_dir / "summary.json")
         root, line = Path(cfg_raw["data"]["root"]), f"data: the run's test split in {cfg_raw['data']['root']}"
         scan = scan_folder(root)
         split = load_split(run_dir / "split.csv", scan)
@@ -478,9 +498,13 @@ def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
     y = torch.tensor([classes.index(r.label) for r in rows], dtype=torch.long)
     test = Loader(FileSource(root, rows, meta["image_size"], workers=0, crop=meta.get("crop", 1.0)), y,
                   [r.path for r in rows], 64, meta["mean"], meta["std"])
+    preds = predict_loader(model, test, classes)
+    if not len(preds.targets):
+        raise UserError(f"none of the {len(rows)} images in {root} decode; pass a folder of readable images "
+                        f"(`cnnlab audit {root}` lists what is wrong)")
     out = run_dir / "evaluations" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    metrics = write_evaluation(predict_loader(model, test, classes), root, out)
+    metrics = write_evaluation(preds, root, out)
     save_json(out / "metrics.json", metrics)
     log(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  loss {metrics['loss']:.4f}  "
         f"on {metrics['n']:,} images")
@@ -491,8 +515,11 @@ def predict(run: str | Path, images: list[str]) -> list[dict]:
     """Class probabilities for each image file: [{path, prediction, probabilities}] or {path, error}."""
     predictor = Predictor.from_run(run)
     out = []
-    for path in images:
+    for path in _image_files(images):
         p = Path(path)
+        if p.is_dir():
+            out.append({"path": str(path), "error": "a folder with no image files in it"})
+            continue
         if not p.is_file():
             out.append({"path": str(path), "error": "file not found"})
             continue
@@ -504,6 +531,22 @@ def predict(run: str | Path, images: list[str]) -> list[dict]:
         order = np.argsort(-probs)
         out.append({"path": str(path), "prediction": predictor.classes_[order[0]],
                     "probabilities": {predictor.classes_[i]: round(float(probs[i]), 6) for i in order}})
+    return out
+
+
+def _image_files(paths: list[str]) -> list[str]:
+    """The paths as given, a folder replaced by the image files in it (in name order)."""
+    from cnnlab.data.decode import is_image_name
+
+    out = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_name(f.name)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            out.extend(found or [str(p)])  # an empty folder stays, to be reported
+        else:
+            out.append(str(p))
     return out
 
 
@@ -542,11 +585,11 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
         run = existing.get(child.name)
         entry = {"name": child.name, "group": child.group, "run": str(run) if run else None, "status": "pending"}
         head = f"[{i}/{len(st.children)}] {child.name}"
-        if run and (run / "summary.json").is_file():
+        if run and is_finished(run):
             entry["status"] = load_json(run / "summary.json")["status"]
             log(f"{head}: already finished ({entry['status']}), skipped")
         else:
-            resume = run  # a run folder without summary.json continues in place (from its checkpoint, if any)
+            resume = run  # an unfinished run folder continues in place (from its checkpoint, if any)
             log(f"{head}: " + ("resuming " + str(run) if resume else "training"))
             if resume:  # a run continues with its own resolved config, as `cnnlab train --resume` does
                 cfg = load_config(run / "config.yaml")
@@ -576,7 +619,11 @@ def report(folders: list[str | Path] | str | Path, out: str | Path | None = None
         raise UserError("give a study folder or run folders to report on")
     rows, unavailable, notes, title = [], [], [], "cnnlab comparison"
     if len(folders) == 1 and (folders[0] / "study.json").is_file():
-        state = load_json(folders[0] / "study.json")
+        try:
+            state = load_json(folders[0] / "study.json")
+        except ValueError:
+            raise UserError(f"{folders[0] / 'study.json'} is not valid JSON; run the study again with "
+                            "`cnnlab study FILE` (it redoes nothing finished) to rewrite it") from None
         out, title = out or folders[0], f"Study {state['name']}"
         notes = [state.get("description", "")]
         for c in state["children"]:
@@ -589,7 +636,8 @@ def report(folders: list[str | Path] | str | Path, out: str | Path | None = None
         for f in folders:
             run = find_run(f)
             if not (run / "summary.json").is_file():
-                raise UserError(f"{run} has no summary.json: not a finished run")
+                raise UserError(f"{run} has no summary.json: not a finished run; finish it with "
+                                f"`cnnlab train --resume {run}`, or leave it out")
             rows.append(load_run(run))
         out = out or "comparison"
     md, html_path = write_comparison(rows, Path(out), title, notes, unavailable)

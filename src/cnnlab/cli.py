@@ -1,6 +1,7 @@
 """The `cnnlab` command: argparse subcommands, each a thin call into `cnnlab.api`.
 
-A user's mistake (`UserError`) prints one line on stderr and exits 2; Ctrl-C exits 130.
+A user's mistake (`UserError`) prints one line on stderr and exits 2; Ctrl-C exits 130 and SIGTERM
+143 (core/signals.py), a stopped run saying how to resume it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from cnnlab.core import signals
 from cnnlab.core.errors import UserError
 
 
@@ -45,8 +47,16 @@ def _train_parser(sub, command: str = "train", help: str = "train and evaluate a
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's own one-line error (argparse would print the whole usage first)."""
+
+    def error(self, message):
+        sys.stderr.write(f"cnnlab: error: {message}; check `{self.prog} --help`\n")
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnlab", description="Image classification with CNNs, one command per step.")
+    parser = _Parser(prog="cnnlab", description="Image classification with CNNs, one command per step.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("audit", help="decode every image of a dataset and report what is in it")
     p.add_argument("data", help="image folder, archive, or cifar10 / digits")
@@ -134,8 +144,9 @@ def run(argv: list[str]) -> int:
                 raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml)")
         cfg = load_config(config, _train_overrides(args), args.set)
         folder = api.train(cfg, progress=not args.no_progress, resume=args.resume)
-        print(f"report: {folder / 'report.html'}")
-        print(f"run: {folder}")
+        if api.is_main_process():  # under torchrun, one process speaks for the run
+            print(f"report: {folder / 'report.html'}")
+            print(f"run: {folder}")
     elif args.command == "lr-find":
         from cnnlab.core.config import load_config
 
@@ -157,7 +168,8 @@ def run(argv: list[str]) -> int:
         bad = [r for r in results if "error" in r]
         if bad:
             print(f"cnnlab: error: {len(bad)} of {len(results)} images could not be classified "
-                  f"({bad[0]['path']}: {bad[0]['error']})", file=sys.stderr)
+                  f"({bad[0]['path']}: {bad[0]['error']}); pass image files (JPEG, PNG, ...) or folders of them",
+                  file=sys.stderr)
             return 2
     elif args.command == "models":
         from cnnlab.models import get_entry, list_models
@@ -173,8 +185,9 @@ def run(argv: list[str]) -> int:
         if args.check:
             err = bundle.check(folder, find_run(args.run))
             if err > 1e-5:
-                print(f"cnnlab: error: the bundle's probabilities differ from evaluation's by {err:.2e} "
-                      "(over 1e-5)", file=sys.stderr)
+                print(f"cnnlab: error: bundle {folder}: its probabilities differ from evaluation's by {err:.2e} "
+                      "(over 1e-5); do not deploy it: check the onnxruntime and torch versions and export again",
+                      file=sys.stderr)
                 return 1
         print(f"bundle: {folder}")
     elif args.command == "serve":
@@ -204,10 +217,15 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        with signals.handled():
+            return run(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2
+    except signals.Interrupted as e:
+        hint = f"; continue with: cnnlab train --resume {e.run_dir}" if e.run_dir else ""
+        print(f"cnnlab: interrupted by {e.name}{hint}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)
         return 130

@@ -163,7 +163,7 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise UserError(f"config: unknown key '{full}'; valid keys: {', '.join(names)}")
+            raise UserError(f"config: unknown key '{full}'; use one of the valid keys: {', '.join(names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, full)
@@ -184,7 +184,7 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"config: data.augment has {aug!r}; choose from {', '.join(AUGMENTATIONS)}")
     t, d = cfg.train, cfg.data
     checks = [
-        (t.lr == "auto" or (isinstance(t.lr, float) and t.lr > 0), "train.lr must be above 0, or auto"),
+        (t.lr == "auto" or (isinstance(t.lr, float) and t.lr > 0), f"train.lr must be above 0, or auto, got {t.lr!r}"),
         (t.epochs >= 1, "train.epochs must be at least 1"),
         (t.batch_size >= 1, "train.batch_size must be at least 1"),
         (t.eval_batch_size >= 1, "train.eval_batch_size must be at least 1"),
@@ -230,13 +230,19 @@ def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict:
     """A YAML file that must hold a mapping; every way it can be wrong is a UserError naming it."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{what} {p} not found")
+        raise UserError(f"{what} {p} not found" + ("; it is a folder, pass the YAML file in it" if p.is_dir()
+                                                   else "; check the path"))
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{what} {p} is not valid YAML{where}: {problem}; fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {p} is not a text file; pass a YAML file") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{what} {p} must hold a mapping with {holds}")
+        raise UserError(f"{what} {p} must hold a mapping with {holds}, not a {type(raw).__name__}")
     return raw
 
 

@@ -26,15 +26,27 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def set_threads(threads: int) -> int:
-    """Use `threads` intra-op threads (0 = every core this process may run on)."""
-    n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+def set_threads(threads: int, processes: int = 1) -> int:
+    """Use `threads` intra-op threads (0 = this process's share of the cores it may run on).
+
+    `processes` is how many training processes share this machine (torchrun's local world):
+    each takes its share, so two ranks on two cores do not run four threads.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = threads or max(1, cores // max(1, processes))
     torch.set_num_threads(n)
     return torch.get_num_threads()
 
 
 def cpu_has_bf16() -> bool:
-    """True when the CPU runs bf16 matmuls natively (AMX or AVX512-BF16), where bf16 autocast pays."""
+    """True when the CPU runs bf16 matmuls natively (AMX or AVX512-BF16), where bf16 autocast pays.
+
+    CNNLAB_CPU_BF16=0 (or 1) overrides the answer, so the other CPU kind's path (the precision
+    `auto` picks, its notes) can be run and tested on the machine at hand.
+    """
+    forced = os.environ.get("CNNLAB_CPU_BF16", "")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:

@@ -92,11 +92,18 @@ def read_csv(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def is_finished(run_dir: Path) -> bool:
+    """A run that ended (completed, stopped early, failed to learn, diverged): not one stopped by a signal."""
+    summary = Path(run_dir) / "summary.json"
+    return summary.is_file() and load_json(summary).get("status") != "interrupted"
+
+
 def find_run(path: str | Path) -> Path:
     """Check that `path` is a finished run folder (it has model.json) and return it."""
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"run folder {p} not found; pass the folder printed as 'run: ...' by cnnlab train")
     if not (p / "model.json").is_file() or not (p / "model.safetensors").is_file():
-        raise UserError(f"{p} is not a finished run folder (no model.json / model.safetensors)")
+        raise UserError(f"{p} is not a finished run folder (no model.json / model.safetensors); pass the folder "
+                        "printed as 'run: ...' by cnnlab train")
     return p

@@ -16,6 +16,7 @@ validated when the study is loaded, so a typo stops the study before anything tr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,28 @@ def _lr_label(lr) -> str:
     return "auto" if lr == "auto" else f"{float(lr):g}"
 
 
+def _is_lr(lr) -> bool:
+    if lr == "auto":
+        return True
+    try:
+        return not isinstance(lr, bool) and math.isfinite(float(lr))
+    except (TypeError, ValueError):
+        return False
+
+
+def _lrs(entry: dict, where: str) -> list:
+    """The entry's learning rates ([None] when it has none), each a number or "auto"."""
+    lrs = entry.get("lrs")
+    if lrs is None or lrs == []:
+        return [None]
+    if not isinstance(lrs, list):
+        raise UserError(f"{where}: lrs must be a list of learning rates, e.g. lrs: [1e-3, 1e-2], got {lrs!r}")
+    for lr in lrs:
+        if not _is_lr(lr):
+            raise UserError(f"{where}: lrs has {lr!r}; each learning rate must be a number (e.g. 1e-3) or auto")
+    return lrs
+
+
 def load_study(path: str | Path, sets: list[str] = ()) -> Study:
     """Read and validate a study file; `sets` (`train.epochs=2`) apply to every child."""
     p = Path(path)
@@ -54,7 +77,13 @@ def load_study(path: str | Path, sets: list[str] = ()) -> Study:
                         "defaults, runs")
     if not raw.get("runs"):
         raise UserError(f"study file {p} lists no runs")
+    if not isinstance(raw["runs"], list):
+        raise UserError(f"study file {p}: runs must be a list of entries (- name: ..., model: {{name: ...}}), "
+                        f"got {raw['runs']!r}")
     defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise UserError(f"study file {p}: defaults must be a mapping of sections (data, model, train), "
+                        f"got {defaults!r}")
     forced: dict = {}  # --set values win over the defaults and every entry
     for s in sets:
         keys, value = parse_override(s)
@@ -64,12 +93,20 @@ def load_study(path: str | Path, sets: list[str] = ()) -> Study:
         node[keys[-1]] = value
     children, seen = [], set()
     for i, entry in enumerate(raw["runs"]):
-        if not isinstance(entry, dict) or set(entry) - ENTRY_KEYS:
-            raise UserError(f"study file {p}: run {i + 1} must be a mapping with keys from {sorted(ENTRY_KEYS)}")
+        if not isinstance(entry, dict):
+            raise UserError(f"study file {p}: run {i + 1} must be a mapping with keys from {sorted(ENTRY_KEYS)}, "
+                            f"got {entry!r}")
+        unknown = sorted(str(k) for k in set(entry) - ENTRY_KEYS)
+        if unknown:
+            raise UserError(f"study file {p}: run {i + 1} has unknown keys {unknown}; "
+                            f"use keys from {sorted(ENTRY_KEYS)}")
+        for k in ("data", "model", "train"):
+            if entry.get(k) is not None and not isinstance(entry[k], dict):
+                raise UserError(f"study file {p}: run {i + 1}: {k} must be a mapping of keys "
+                                f"(e.g. {k}: {{...}}), got {entry[k]!r}")
         group = str(entry.get("name") or (entry.get("model") or {}).get("name") or f"run{i + 1}")
         base = _merge(defaults, {k: entry[k] for k in ("data", "model", "train") if k in entry})
-        lrs = entry.get("lrs") or [None]
-        for lr in lrs:
+        for lr in _lrs(entry, f"study file {p}, run {group}"):
             cfg_raw = _merge(_merge(base, {"train": {"lr": lr}}) if lr is not None else base, forced)
             name = f"{group}-lr{_lr_label(lr)}" if lr is not None else group
             if name in seen:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab.core.errors import UserError
 from cnnlab.core.runs import save_json
 from cnnlab.data.decode import DecodeError, decode_image, fit_square
 from cnnlab.data.sources import Scan, scan_folder
@@ -142,6 +143,13 @@ def write_audit(r: AuditReport, scan: Scan, out: Path, samples_per_class: int = 
     from cnnlab.core.figures import plot_class_counts, plot_image_grid, save_figure
 
     out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; pass a file name such as {out / 'audit.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the audit to {out}: its folder {out.parent} cannot be made ({e.strerror}); "
+                        "pass --out a file in a writable folder") from None
     written = [save_json(out, r.to_dict())]
     counts = {c: {k: v for k, v in d.items() if k != "total"} for c, d in r.classes.items()}
     if counts:

@@ -60,7 +60,11 @@ def create_model(name: str, num_classes: int, image_size: int | None = None, **k
     """Build a registered model for `num_classes` classes at `image_size` pixels (default: its own)."""
     entry = get_entry(name)
     if num_classes < 2:
-        raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+        raise UserError(f"a classifier needs at least 2 classes, got {num_classes}; give it data (or --num-classes) "
+                        "with two or more classes")
+    if image_size is not None and image_size < 0:
+        raise UserError(f"image size {image_size} is not a size in pixels; use a positive image size "
+                        f"(0 = {name}'s own, {entry.default_size})")
     model = entry.fn(num_classes=num_classes, image_size=image_size or entry.default_size, **kwargs)
     model.model_name = name
     return model

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnlab.core.errors import UserError
+
 
 @dataclass(frozen=True)
 class LayerRow:
@@ -54,6 +56,10 @@ def summarize(model: nn.Module, image_size: int, in_channels: int = 3) -> ModelS
     try:
         with torch.no_grad():
             model(torch.zeros(1, in_channels, image_size, image_size))
+    except RuntimeError as e:  # a layer's kernel or pool does not fit what is left of the image
+        name = getattr(model, "model_name", type(model).__name__)
+        raise UserError(f"model {name} cannot run on {image_size}x{image_size} images "
+                        f"({str(e).strip().splitlines()[0][:200]}); use a larger image size") from None
     finally:
         for h in hooks:
             h.remove()

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from cnnlab.core.errors import UserError
 from cnnlab.data.sources import cache_dir
-from cnnlab.models.pretrained import ALIASES, TransferNet, resolve
+from cnnlab.models.pretrained import ALIASES, TransferNet, is_transfer_name, resolve
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -131,7 +131,7 @@ def find_weights(name: str, explicit: str = "", download: bool | None = None) ->
         if path.is_file():
             return Weights(read_state_dict(path), path, f"{where}: {path}", sha256_file(path))
     if download is None:
-        download = os.environ.get("CNNLAB_OFFLINE", "") not in ("1", "true", "yes")
+        download = not _offline()
     why = "downloads are off (CNNLAB_OFFLINE)"
     if download:
         try:
@@ -146,9 +146,20 @@ def find_weights(name: str, explicit: str = "", download: bool | None = None) ->
                     f"`cnnlab weights fetch {name}` where a network is available")
 
 
+def _offline() -> bool:
+    return os.environ.get("CNNLAB_OFFLINE", "") in ("1", "true", "yes")
+
+
 def fetch(name: str) -> Path:
     """Download `name`'s weights through timm / torchvision and keep them as safetensors in the cnnlab cache."""
+    if not is_transfer_name(name):
+        raise UserError(f"{name!r} is not a pretrained network; choose one of {', '.join(ALIASES)}, "
+                        "or timm:NAME / tv:NAME (see `cnnlab weights list`)")
     a = resolve(name)
+    if _offline():
+        raise UserError(f"cannot download weights for {name}: downloads are off (CNNLAB_OFFLINE="
+                        f"{os.environ['CNNLAB_OFFLINE']}); unset CNNLAB_OFFLINE where a network is available, "
+                        "or supply a file with --weights PATH or $CNNLAB_WEIGHTS")
     out = cache_dir() / "weights" / f"{a.arch}.safetensors"
     try:
         if a.source == "timm":

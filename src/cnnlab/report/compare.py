@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab.core.errors import UserError
 from cnnlab.core.figures import pyplot, save_figure
 from cnnlab.core.runs import atomic_write, load_json, read_csv
 
@@ -225,7 +226,11 @@ def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] =
     Args:
         unavailable: (run name, reason) of planned runs that could not run, e.g. weights not available.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "it is a file" if out.is_file() else e.strerror
+        raise UserError(f"cannot create the report folder {out}: {why}; pass --out a folder") from None
     best = _best(rows)
     keys = list(COLUMNS)
     figures = []

@@ -57,10 +57,18 @@ def export(run: str | Path, out: str | Path | None = None, log=print) -> Path:
     run = find_run(run)
     if not (run / "model.safetensors").is_file() or not (run / "model.json").is_file():
         raise UserError(f"{run} has no trained model (model.safetensors + model.json); train it to the end first")
+    for name in ("summary.json", "split.csv"):
+        if not (run / name).is_file():
+            raise UserError(f"{run} has no {name}: its training did not finish; finish it with "
+                            f"`cnnlab train --resume {run}`, then export")
     model, meta = load_model(run)
     summary = load_json(run / "summary.json")
     folder = Path(out) if out else run / "bundle"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "it is a file" if folder.is_file() else e.strerror
+        raise UserError(f"cannot create the bundle folder {folder}: {why}; pass --out a new or empty folder") from None
     shutil.copyfile(run / "model.safetensors", folder / "model.safetensors")
     shutil.copyfile(run / "model.json", folder / "model.json")
     size = meta["image_size"]  # the whole model (logits), any batch size

@@ -19,6 +19,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this machine, which share its cores
 
     @property
     def main(self) -> bool:
@@ -34,13 +35,19 @@ def setup() -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend)
     return info
+
+
+def is_main_process() -> bool:
+    """False in every process of a torchrun launch but rank 0 (which alone writes and prints)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def device_for(info: DistInfo) -> torch.device:

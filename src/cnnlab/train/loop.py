@@ -5,7 +5,8 @@ epoch appends a row to `history.csv`, writes the best weights to `model.safetens
 monitored metric improves, and writes `checkpoint.safetensors` with the whole training state, so
 `--resume` continues exactly where a run stopped (also mid-epoch, with `train.checkpoint_steps`).
 A non-finite loss stops training within that step with status `diverged`; SIGINT or SIGTERM
-finish the current step, checkpoint, and stop with status `interrupted`. Under torchrun, sums are
+(deferred while `fit` runs, see core/signals.py) finish the current step, checkpoint, and stop
+with status `interrupted`. Under torchrun, sums are
 all-reduced and only rank 0 writes.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnlab.core import signals
 from cnnlab.core.config import TrainConfig
 from cnnlab.core.runs import write_csv
 from cnnlab.models.checkpoint import save_weights
@@ -41,29 +42,6 @@ class FitResult:
     message: str = ""
 
 
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked after each step, for a clean checkpoint."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def autocast(precision: str, device: torch.device):
     if precision in ("bf16", "fp16"):
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -71,14 +49,13 @@ def autocast(precision: str, device: torch.device):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, device, epoch, *, start_step=0,
-                    totals=(0.0, 0, 0), progress=True, dist: DistInfo = DistInfo(), stop: StopRequest | None = None,
+                    totals=(0.0, 0, 0), progress=True, dist: DistInfo = DistInfo(),
                     checkpoint_every: int = 0, checkpoint=None, scaler=None) -> dict:
     """One pass over `loader` (from wherever it was told to resume).
 
     Args:
         start_step: the batch the loader was told to resume at (0 for a fresh epoch).
         totals: (loss sum, correct, seen) carried over from the first part of a resumed epoch.
-        stop: a StopRequest; when set, the epoch ends after the current step with status 'stopped'.
         checkpoint_every: call `checkpoint(step, totals)` every this many steps (0 = never).
         scaler: a GradScaler for fp16 (None or disabled otherwise).
 
@@ -99,7 +76,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
             logits = model(x)
             loss = criterion(logits.float(), y)
         local = value = loss.item()
-        stopping = bool(stop and stop.requested)
+        stopping = bool(signals.requested())  # a signal ends the epoch after this step
         if dist.active:  # every rank must agree to stop or to diverge at the same step
             value, flag = all_sum([local, float(stopping)], dist, device)
             value, stopping = value / dist.world, flag > 0
@@ -205,7 +182,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             save_checkpoint(run_dir, net, optimizer, scheduler, state, g.get_state() if g is not None else None)
 
     status, message = "completed", ""
-    with StopRequest() as stop:
+    with signals.deferred():
         epoch = p["epoch"]
         while epoch <= cfg.epochs:
             start = time.perf_counter()
@@ -213,7 +190,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             if not p["step"]:
                 loaders.train.set_epoch(epoch)
             result = train_one_epoch(runner, loaders.train, optimizer, scheduler, criterion, precision, device, epoch,
-                                     start_step=p["step"], totals=tuple(p["totals"]), progress=progress and dist.main, dist=dist, stop=stop,
+                                     start_step=p["step"], totals=tuple(p["totals"]), progress=progress and dist.main, dist=dist,
                                      checkpoint_every=cfg.checkpoint_steps,
                                      checkpoint=lambda s, t, e=epoch: checkpoint(e, s, t), scaler=scaler)
             p["train_seconds"] += time.perf_counter() - start
@@ -253,7 +230,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 status = "early_stopped"
                 message = f"no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {p['best_epoch']}"
                 break
-            if stop.requested:
+            if signals.requested():
                 status = "interrupted"
                 message = f"stopped after epoch {epoch}; continue with: cnnlab train --resume {run_dir}"
                 break

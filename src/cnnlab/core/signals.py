@@ -1,0 +1,75 @@
+"""SIGINT and SIGTERM during a command: stop at once, or at the next safe point.
+
+A command runs under `handled()`: a signal raises `Interrupted` where the code is, as Ctrl-C
+raises KeyboardInterrupt, so setting up (scanning, caching) stops at once and leaves what it had
+written whole (every file goes through an atomic write). Inside `deferred()` the signal is only
+recorded: training checks `requested()` after each step and checkpoints, the final evaluation
+and report finish, and the run then calls `raise_if_requested()`. Either way the process exits
+128 + the signal's number (130 for SIGINT, 143 for SIGTERM). Signal handlers are process-wide,
+and so is this state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_state = {"deferring": 0, "received": 0}
+
+
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by a signal. A KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int, run_dir=None):
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+        self.signum = signum
+        self.run_dir = run_dir  # the run folder that `cnnlab train --resume` continues, if there is one
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _handle(signum, frame) -> None:
+    _state["received"] = _state["received"] or signum
+    if not _state["deferring"]:
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def handled():
+    """Route SIGINT and SIGTERM to `Interrupted` for the duration (a no-op outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _handle) for sig in SIGNALS}
+    _state.update(deferring=0, received=0)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        _state.update(deferring=0, received=0)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Record signals instead of raising them; the caller checks `requested()` and ends cleanly."""
+    _state["deferring"] += 1
+    try:
+        yield
+    finally:
+        _state["deferring"] -= 1
+
+
+def requested() -> int:
+    """The signal received so far (0 for none)."""
+    return _state["received"]
+
+
+def raise_if_requested(run_dir=None) -> None:
+    if _state["received"]:
+        raise Interrupted(_state["received"], run_dir)
