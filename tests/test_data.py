@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import tarfile
 import zipfile
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,7 +57,7 @@ def test_audit_finds_duplicates_across_splits(tmp_path):
     img = jpeg_bytes(noise_rgb(seed=1))
     for split in ("train", "test"):
         for c in ("a", "b"):
-            write(tmp_path / split / c / "x.jpg", jpeg_bytes(noise_rgb(seed=hash((split, c)) % 1000)))
+            write(tmp_path / split / c / "x.jpg", jpeg_bytes(noise_rgb(seed=100 + 10 * ("train", "test").index(split) + ("a", "b").index(c))))
     write(tmp_path / "train" / "a" / "dup.jpg", img)
     write(tmp_path / "test" / "a" / "dup.jpg", img)
     r = audit(tmp_path, workers=1)
@@ -114,7 +117,9 @@ def test_zip_slip_and_escaping_links_are_refused(tmp_path):
         zf.writestr("../../escaped.txt", "gotcha")
     with pytest.raises(UserError, match="escapes"):
         resolve_data(str(evil))
-    assert not (tmp_path.parent / "escaped.txt").exists()
+    # archives extract under the cache (archives/<digest>/): "../../" from there is the cache root
+    cache = Path(os.environ["CNNLAB_CACHE"])
+    assert not (cache / "escaped.txt").exists() and not list(cache.rglob("escaped.txt"))
     link_tar = tmp_path / "link.tar"
     with tarfile.open(link_tar, "w") as tf:
         info = tarfile.TarInfo("a/passwd.jpg")
@@ -220,7 +225,7 @@ def test_shipped_split_carves_val_and_drops_leaked_train_copies(tmp_path):
     for split, n in (("train", 20), ("test", 5)):
         for c in ("a", "b"):
             for i in range(n):
-                write(tmp_path / split / c / f"{i}.jpg", jpeg_bytes(noise_rgb((8, 8), seed=hash((split, c, i)) % 10**6)))
+                write(tmp_path / split / c / f"{i}.jpg", jpeg_bytes(noise_rgb((8, 8), seed=1000 * (split == "test") + 100 * (c == "b") + i)))
     leak = (tmp_path / "test" / "a" / "0.jpg").read_bytes()
     write(tmp_path / "train" / "a" / "leak.jpg", leak)
     s = make_split(scan_folder(tmp_path), val_fraction=0.1, seed=0)

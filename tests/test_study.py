@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from safetensors.numpy import load_file
 
 from cnnlab.cli import main
 from cnnlab.report.compare import load_run
@@ -68,7 +71,10 @@ def test_report_table_matches_the_runs_summaries(study):
     # confusion-matrix cells link to galleries of the misclassified images behind them
     links = re.findall(r"href='#(r\d+-\d+-\d+)'", html)
     assert links and all(f"id='{a}'" in html for a in links)
-    assert "data:image/jpeg;base64," in html and "has the best test accuracy" in html
+    assert "data:image/jpeg;base64," in html
+    accuracies = {name: json.loads((run / "summary.json").read_text())["test"]["accuracy"] for name, run in runs.items()}
+    best = max(accuracies, key=accuracies.get)
+    assert f"**{best}** (cnn_small" in md and "has the best test accuracy" in md
 
 
 def test_report_rebuilds_from_folders_alone(study, tmp_path, capsys):
@@ -136,18 +142,80 @@ def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
     out = capsys.readouterr().out
     folder = Path(out.strip().splitlines()[-1].split(": ", 1)[1])
     result = json.loads((folder / "lr_find.json").read_text())
-    assert 1e-6 < result["suggestion"] < 1 and len(result["lrs"]) == len(result["losses"]) >= 20
+    lrs, losses = np.array(result["lrs"]), np.array(result["losses"])
+    assert len(lrs) == len(losses) >= 20
+    # on the recorded curve: past the flat start, before the lowest loss (beyond which it blows up),
+    # and at a loss clearly below the starting one
+    assert lrs[0] * 10 <= result["suggestion"] <= result["lr_min_loss"]
+    at = np.searchsorted(lrs, result["suggestion"])
+    assert np.median(losses[max(0, at - 2):at + 3]) < np.median(losses[:5]) - 0.05, (result["suggestion"], losses)
     assert (folder / "lr_find.png").stat().st_size > 1000
     assert main(["train", "--data", str(cifar_root), "--model", "cnn_small", "--lr", "auto", "--epochs", "1",
                  "--out", str(tmp_path / "runs"), "--set", "data.limit_per_class=30", "--no-progress"]) == 0
     run = Path(capsys.readouterr().out.strip().splitlines()[-1][len("run: "):])
     s = json.loads((run / "summary.json").read_text())
-    assert isinstance(s["phases"][0]["lr"], float) and 1e-6 < s["phases"][0]["lr"] < 1
-    assert "lr auto: range test suggests" in (run / "log.txt").read_text()
+    said = re.search(r"lr auto: range test suggests ([0-9.e+-]+)", (run / "log.txt").read_text())
+    assert said and s["phases"][0]["lr"] == pytest.approx(float(said.group(1)), rel=1e-2)  # trained at what it found
+    assert 1e-5 < s["phases"][0]["lr"] < 0.1  # and that is an Adam learning rate, not the range's ends
 
 
 def test_load_run_reads_only_files(study):
     folder, _ = study
     run = next(p for p in (folder / "runs").iterdir())
     row = load_run(run, "x", "g")
-    assert row["size_mb"] == pytest.approx((run / "model.safetensors").stat().st_size / 2**20)
+    # the weights' size from their tensors: 4 bytes per float32 number, plus the file's small header
+    n_bytes = sum(t.size * t.itemsize for t in load_file(str(run / "model.safetensors")).values())
+    assert n_bytes / 2**20 <= row["size_mb"] <= n_bytes / 2**20 + 0.05
+
+
+def _counted(run: Path) -> str:
+    """`N train / N val / N test images, K classes`, counted from the run's split.csv by hand."""
+    with open(run / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    n = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    classes = len({r["class"] for r in rows})
+    return f"{n['train']:,} train / {n['val']:,} val / {n['test']:,} test images, {classes} classes"
+
+
+DATA_LINE = re.compile(r"^Data: (.+), (\d[\d,]* train / \d[\d,]* val / \d[\d,]* test images, \d+ classes), (\d+) px$")
+
+
+def test_report_states_the_data_the_runs_used(study, cifar_root):
+    folder, _ = study
+    state = json.loads((folder / "study.json").read_text())
+    runs = [Path(c["run"]) for c in state["children"] if c["run"]]
+    md = (folder / "report.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("Data: ")]
+    assert len(lines) == 1, lines  # the runs share their data: one line at the top, no data column
+    root, counts, size = DATA_LINE.match(lines[0]).groups()
+    assert Path(root).resolve() == cifar_root.resolve()
+    assert {_counted(r) for r in runs} == {counts}
+    assert {yaml.safe_load((r / "config.yaml").read_text())["data"]["image_size"] for r in runs} == {int(size)}
+    assert md.index(lines[0]) < md.index("## Comparison") and "two learning rates" in md  # the description stays
+    assert "different data" not in md and "| data |" not in md
+    assert lines[0] in (folder / "report.html").read_text()
+
+
+def test_report_of_runs_on_different_data_says_so(study, tmp_path, capsys):
+    folder, _ = study
+    run = sorted((folder / "runs").iterdir())[0]
+    other = shutil.copytree(run, tmp_path / "fewer")
+    with open(run / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(other / "split.csv", "w", newline="") as f:  # the same run, minus a third of its training images
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for i, r in enumerate(rows) if r["split"] != "train" or i % 3)
+    assert main(["report", str(run), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "⚠ The runs used different data" in md and not any(line.startswith("Data: ") for line in md.splitlines())
+    header = next(line for line in md.splitlines() if line.startswith("| run |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    cells = {}
+    for line in md.splitlines():
+        row = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        if len(row) == len(cols):
+            cells[row[0]] = dict(zip(cols, row))
+    for r in (run, other):
+        assert _counted(r) in cells[r.name]["data"]
+    assert _counted(run) != _counted(other)

@@ -203,3 +203,17 @@ def test_saved_weights_are_the_best_epochs(run, cifar_root):
     best = list(csv.DictReader(open(run / "history.csv")))[s["best_epoch"] - 1]
     assert loss == pytest.approx(float(best["val_loss"]), abs=1e-4)
     assert acc == pytest.approx(float(best["val_accuracy"]))
+
+
+def test_report_states_the_data_path_and_split_counts(run, cifar_root):
+    with open(run / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    splits = [r["split"] for r in rows]
+    counts = (f"{splits.count('train'):,} train / {splits.count('val'):,} val / {splits.count('test'):,} test images"
+              f", {len({r['class'] for r in rows})} classes, 32 px")
+    md = (run / "report.md").read_text()
+    (line,) = [line for line in md.splitlines() if line.startswith("Data: ")]
+    root, rest = line[len("Data: "):].split(", ", 1)
+    assert Path(root).resolve() == cifar_root.resolve()
+    assert rest == counts, (line, counts)
+    assert line in (run / "report.html").read_text()

