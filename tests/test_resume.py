@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,10 +139,16 @@ def test_sigterm_from_outside_ends_143_and_resumes_to_the_same_weights(reference
     assert_same_weights(weights(run), ref_w)
 
 
-def test_incompatible_resume_is_refused(reference, capsys):
+def test_incompatible_resume_is_refused(reference, tmp_path, capsys):
     from cnnlab.cli import main
 
-    ref_run = reference[0]
+    finished = reference[0]
+    assert main(["train", "--resume", str(finished), "--epochs", "4"]) == 2  # a finished run is not resumed
+    assert "already finished (completed after 3 epochs)" in capsys.readouterr().err
+    ref_run = tmp_path / "stopped"  # the same run as if stopped by a signal
+    shutil.copytree(finished, ref_run)
+    summary = json.loads((ref_run / "summary.json").read_text())
+    (ref_run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
     assert main(["train", "--resume", str(ref_run), "--batch-size", "32"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "train.batch_size" in err

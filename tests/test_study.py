@@ -72,9 +72,15 @@ def test_report_table_matches_the_runs_summaries(study):
     links = re.findall(r"href='#(r\d+-\d+-\d+)'", html)
     assert links and all(f"id='{a}'" in html for a in links)
     assert "data:image/jpeg;base64," in html
-    accuracies = {name: json.loads((run / "summary.json").read_text())["test"]["accuracy"] for name, run in runs.items()}
-    best = max(accuracies, key=accuracies.get)
-    assert f"**{best}** (cnn_small" in md and "has the best test accuracy" in md
+    # the best run is the one with the best validation accuracy at its best epoch (history.csv), not on test
+    val = {}
+    for name, run in runs.items():
+        history = list(csv.DictReader(open(run / "history.csv")))
+        val[name] = float(history[json.loads((run / "summary.json").read_text())["best_epoch"] - 1]["val_accuracy"])
+        assert rows[name]["val acc"] == f"{val[name]:.2%}"
+    best = max(val, key=val.get)
+    assert f"**{best}** (cnn_small" in md and "has the best validation accuracy" in md
+    assert "test figures are reported, not used for choosing" in md
 
 
 def test_report_rebuilds_from_folders_alone(study, tmp_path, capsys):
@@ -137,8 +143,8 @@ def test_lr_suggestion_is_not_fooled_by_noise():
 
 
 def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
-    assert main(["lr-find", "--data", str(cifar_root), "--model", "cnn_small", "--out", str(tmp_path),
-                 "--set", "data.limit_per_class=30"]) == 0
+    assert main(["lr-find", "--data", str(cifar_root), "--model", "cnn_small", "--batch-size", "32", "--out",
+                 str(tmp_path), "--set", "data.limit_per_class=30"]) == 0
     out = capsys.readouterr().out
     folder = Path(out.strip().splitlines()[-1].split(": ", 1)[1])
     result = json.loads((folder / "lr_find.json").read_text())
@@ -151,6 +157,7 @@ def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
     assert np.median(losses[max(0, at - 2):at + 3]) < np.median(losses[:5]) - 0.05, (result["suggestion"], losses)
     assert (folder / "lr_find.png").stat().st_size > 1000
     assert main(["train", "--data", str(cifar_root), "--model", "cnn_small", "--lr", "auto", "--epochs", "1",
+                 "--batch-size", "32",
                  "--out", str(tmp_path / "runs"), "--set", "data.limit_per_class=30", "--no-progress"]) == 0
     run = Path(capsys.readouterr().out.strip().splitlines()[-1][len("run: "):])
     s = json.loads((run / "summary.json").read_text())

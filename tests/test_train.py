@@ -217,3 +217,30 @@ def test_report_states_the_data_path_and_split_counts(run, cifar_root):
     assert Path(root).resolve() == cifar_root.resolve()
     assert rest == counts, (line, counts)
     assert line in (run / "report.html").read_text()
+
+
+def test_a_run_that_fails_after_its_folder_exists_says_so(run, tmp_path, capsys):
+    for c in ("a", "b"):
+        for i in range(6):
+            write(tmp_path / "tiny" / c / f"{i}.png", _png(100 * (c == "b") + i))
+    code = main(["train", "--data", str(tmp_path / "tiny"), "--model", "cnn_small", "--epochs", "1", "--image-size", "16",
+                 "--precision", "fp32", "--out", str(tmp_path / "runs"), "--set", "data.val_fraction=0.01",
+                 "--no-progress"])
+    assert code == 2 and "no validation images" in capsys.readouterr().err
+    (failed,) = list((tmp_path / "runs").iterdir())
+    s = json.loads((failed / "summary.json").read_text())
+    assert s["status"] == "failed" and "no validation images" in s["message"]
+    assert (failed / "log.txt").read_text().rstrip().splitlines()[-1].startswith("status: failed (the split has no")
+    # a report over several folders leaves the failed one out, with a warning, and reports the rest
+    assert main(["report", str(failed), str(run), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {failed} left out of the report: failed" in out
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert run.name in md and failed.name not in md
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()

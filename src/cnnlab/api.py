@@ -22,7 +22,8 @@ from cnnlab.core.config import Config, config_to_dict, dump_config, load_config
 from cnnlab.core.env import env_info, precision_note, resolve_precision, seed_everything, set_threads
 from cnnlab.core.errors import UserError
 from cnnlab.core.recipes import DEFAULT_MODEL
-from cnnlab.core.runs import atomic_write, find_run, is_finished, load_json, new_run_dir, save_json, write_csv
+from cnnlab.core.runs import (atomic_write, find_run, is_finished, load_json, new_run_dir, read_csv, save_json,
+                              write_csv)
 from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write_audit
 from cnnlab.data.decode import DecodeError
 from cnnlab.data.loaders import FileSource, Loader, first_images, make_loaders
@@ -115,6 +116,12 @@ def _train(cfg: Config, progress: bool, log, resume: str | Path | None) -> Path:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass the folder printed as 'run: ...'")
+        if is_finished(run_dir):  # its schedule has ended: more epochs would be another run, not this one
+            s = load_json(run_dir / "summary.json")
+            epochs = len(read_csv(run_dir / "history.csv")) if (run_dir / "history.csv").is_file() else 0
+            raise UserError(f"{run_dir} already finished ({s['status']} after {epochs} epochs); --resume only "
+                            "continues a stopped run. To train longer, start a new run with more --epochs "
+                            f"(its settings are in {run_dir / 'config.yaml'})")
         if (run_dir / "checkpoint.safetensors").is_file() or (run_dir / "summary.json").is_file():
             checkpoint = load_checkpoint(run_dir)  # a finished run has no checkpoint: this says so
         else:  # stopped before its first checkpoint: nothing was learned yet, start again in the same folder
@@ -137,8 +144,9 @@ def _train(cfg: Config, progress: bool, log, resume: str | Path | None) -> Path:
     device = device_for(dist)
     threads = set_threads(cfg.train.threads, dist.local_world)
     precision = resolve_precision(cfg.train.precision, device)
-    resolved = dataclasses.replace(
+    resolved = dataclasses.replace(  # what config.yaml records: the values used, not "auto"
         cfg, data=dataclasses.replace(cfg.data, path=str(root), image_size=size),
+        train=dataclasses.replace(cfg.train, precision=precision),
         model=dataclasses.replace(cfg.model, name=name, input_size=input_size if transfer else 0))
     with signals.deferred():  # a run folder, once it exists, holds what --resume needs
         if not resume:
@@ -202,11 +210,25 @@ def _train(cfg: Config, progress: bool, log, resume: str | Path | None) -> Path:
         e.run_dir = run_dir
         tee(f"interrupted by {e.name}; continue with: cnnlab train --resume {run_dir}")
         raise
+    except Exception as e:  # the folder says it failed and why, so no one mistakes it for a run to finish
+        if dist.main:
+            _record_failure(run_dir, e, tee)
+        raise
     finally:
         if log_file:
             log_file.close()
         cleanup(dist)
     return run_dir
+
+
+def _record_failure(run_dir: Path, error: Exception, tee) -> None:
+    import traceback
+
+    message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error} (a bug in cnnlab)"
+    if not isinstance(error, UserError):
+        tee("".join(traceback.format_exception(error)).rstrip())
+    tee(f"status: failed ({message})")
+    save_json(run_dir / "summary.json", {"status": "failed", "message": message})
 
 
 @dataclasses.dataclass
@@ -607,6 +629,20 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
     return folder
 
 
+def _not_reportable(run: Path) -> str:
+    """Why `run` cannot be a row of a comparison ('' when it can)."""
+    if not run.is_dir():
+        return "not found; pass the folder printed as 'run: ...' by cnnlab train"
+    if (run / "lr_find.json").is_file():
+        return "an lr-find folder, not a training run"
+    if not (run / "summary.json").is_file():
+        return f"not a finished run (no summary.json); finish it with `cnnlab train --resume {run}`, or leave it out"
+    summary = load_json(run / "summary.json")
+    if summary.get("status") == "failed":
+        return f"failed ({summary.get('message', '')}); see its log.txt"
+    return ""
+
+
 def report(folders: list[str | Path] | str | Path, out: str | Path | None = None, log=print) -> Path:
     """Write the comparison report of a study folder, or of run folders, from their files alone.
 
@@ -628,23 +664,31 @@ def report(folders: list[str | Path] | str | Path, out: str | Path | None = None
         notes = [state.get("description", "")]
         for c in state["children"]:
             run = Path(c["run"]) if c.get("run") else None
-            if run and (run / "summary.json").is_file():
-                rows.append(load_run(run, c["name"], c["group"]))
+            why = _not_reportable(run) if run else c.get("status", "not run")
+            if why:
+                unavailable.append((c["name"], why))
             else:
-                unavailable.append((c["name"], c.get("status", "not run")))
+                rows.append(load_run(run, c["name"], c["group"]))
     else:
-        for f in folders:
-            run = find_run(f)
-            if not (run / "summary.json").is_file():
-                raise UserError(f"{run} has no summary.json: not a finished run; finish it with "
-                                f"`cnnlab train --resume {run}`, or leave it out")
-            rows.append(load_run(run))
+        for run in folders:
+            why = _not_reportable(run)
+            if why:  # e.g. `cnnlab report runs/*` meeting an lr-find folder or a failed run
+                log(f"warning: {run} left out of the report: {why}")
+                if len(folders) == 1:
+                    raise UserError(f"{run}: {why}")
+            else:
+                rows.append(load_run(run))
+        if not rows:
+            raise UserError("none of the folders is a finished run; pass run folders printed as 'run: ...' by "
+                            "cnnlab train")
         out = out or "comparison"
     md, html_path = write_comparison(rows, Path(out), title, notes, unavailable)
     log(f"report: {html_path}")
-    ok = [r for r in rows if r["status"] in ("completed", "early_stopped") and r.get("accuracy") is not None]
-    if ok:
-        top = max(ok, key=lambda r: r["accuracy"])
-        log(f"open it: file://{html_path.resolve()}")
-        log(f"best: {top['name']} ({top['accuracy']:.2%}); serve it with: cnnlab serve {top['folder']}")
+    log(f"open it: file://{html_path.resolve()}")
+    ok = [r for r in rows if r["status"] in ("completed", "early_stopped") and r.get("val_accuracy") is not None]
+    for data in sorted({r["data"] for r in ok}):  # chosen on validation, and never across different data
+        top = max((r for r in ok if r["data"] == data), key=lambda r: r["val_accuracy"])
+        where = f" on {data}" if len({r["data"] for r in ok}) > 1 else ""
+        log(f"best{where}: {top['name']} (validation {top['val_accuracy']:.2%}, test {top['accuracy']:.2%}); "
+            f"serve it with: cnnlab serve {top['folder']}")
     return Path(out)

@@ -28,7 +28,7 @@ OK = ("completed", "early_stopped")
 COLUMNS = {
     "name": ("run", "{}", None), "model": ("model", "{}", None), "phase": ("phase", "{}", None),
     "lr": ("lr", "{:g}", None), "epochs": ("epochs", "{}", None),
-    "accuracy": ("test acc", "{:.2%}", max), "precision_macro": ("P macro", "{:.4f}", max),
+    "val_accuracy": ("val acc", "{:.2%}", max), "accuracy": ("test acc", "{:.2%}", max), "precision_macro": ("P macro", "{:.4f}", max),
     "recall_macro": ("R macro", "{:.4f}", max), "f1_macro": ("F1 macro", "{:.4f}", max),
     "precision_weighted": ("P weighted", "{:.4f}", max), "recall_weighted": ("R weighted", "{:.4f}", max),
     "f1_weighted": ("F1 weighted", "{:.4f}", max),
@@ -58,6 +58,8 @@ def load_run(folder: Path, name: str = "", group: str = "") -> dict:
            "throughput": (s.get("inference") or {}).get("throughput"),
            "status": s["status"], "message": s.get("message", ""), "history": history,
            "confusion": test.get("confusion_matrix"), "classes": s["classes"], "data_root": s["data"]["root"]}
+    best = s.get("best_epoch") or 0
+    row["val_accuracy"] = float(history[best - 1]["val_accuracy"]) if 0 < best <= len(history) else None
     facts = data_facts(folder, s)
     row["data"], row["split_sha256"] = data_line(facts), facts["split_sha256"]
     for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
@@ -89,25 +91,41 @@ def _cell(row: dict, key: str) -> str:
 
 
 def written_comparison(rows: list[dict]) -> list[str]:
-    """A few sentences from the numbers: the best run, its margin, and what it costs."""
-    ok = sorted((r for r in rows if r["status"] in OK and r.get("accuracy") is not None),
-                key=lambda r: -r["accuracy"])
+    """A few sentences from the numbers: the best run, its margin, and what it costs.
+
+    "Best" is chosen on the validation split; test figures are reported beside it, never used to
+    choose (choosing on the test split is the seed reports' mistake). Runs on different data are
+    compared only with runs on the same data.
+    """
+    by_data: dict[str, list[dict]] = {}
+    for r in rows:
+        by_data.setdefault(r["data"], []).append(r)
+    if len(by_data) == 1:
+        return _compare_on_one_data(rows)
+    return [f"On {data}: " + " ".join(_compare_on_one_data(members)) for data, members in by_data.items()]
+
+
+def _compare_on_one_data(rows: list[dict]) -> list[str]:
+    ok = sorted((r for r in rows if r["status"] in OK and r.get("val_accuracy") is not None),
+                key=lambda r: -r["val_accuracy"])
     lines = []
     if not ok:
         return ["No run finished with a usable result."]
     top = ok[0]
-    lines.append(f"**{top['name']}** ({top['model']}, {top['phase']}, lr {top['lr']:g}) has the best test accuracy, "
-                 f"{top['accuracy']:.2%} (macro F1 {top['f1_macro']:.4f}).")
+    lines.append(f"**{top['name']}** ({top['model']}, {top['phase']}, lr {top['lr']:g}) has the best validation "
+                 f"accuracy, {top['val_accuracy']:.2%}; on the test split it reaches {top['accuracy']:.2%} "
+                 f"(macro F1 {top['f1_macro']:.4f}). Runs are chosen on validation; test figures are reported, "
+                 "not used for choosing.")
     if len(ok) > 1:
         second = ok[1]
         ratio_t = top["train_seconds"] / max(second["train_seconds"], 1e-9)
         ratio_p = top["params_total"] / max(second["params_total"], 1)
-        lines.append(f"It leads {second['name']} by {100 * (top['accuracy'] - second['accuracy']):.2f} points, "
-                     f"training {ratio_t:.1f}x as long with {ratio_p:.1f}x the parameters.")
+        lines.append(f"It leads {second['name']} by {100 * (top['val_accuracy'] - second['val_accuracy']):.2f} "
+                     f"validation points, training {ratio_t:.1f}x as long with {ratio_p:.1f}x the parameters.")
         fastest = min(ok, key=lambda r: r["train_seconds"])
         if fastest is not top:
             lines.append(f"The fastest to train is {fastest['name']} ({fastest['train_seconds']:.0f} s, "
-                         f"{fastest['accuracy']:.2%}).")
+                         f"{fastest['val_accuracy']:.2%} on validation).")
         quick = [r for r in ok if r.get("latency_ms") is not None]
         if quick:
             q = min(quick, key=lambda r: r["latency_ms"])
@@ -117,10 +135,11 @@ def written_comparison(rows: list[dict]) -> list[str]:
         groups.setdefault(r["group"], []).append(r)
     for g, members in groups.items():
         if len(members) > 1:
-            good = [m for m in members if m["status"] in OK and m.get("accuracy") is not None]
+            good = [m for m in members if m["status"] in OK and m.get("val_accuracy") is not None]
             if good:
-                b = max(good, key=lambda r: r["accuracy"])
-                lines.append(f"Across {g}'s learning rates, {b['lr']:g} works best ({b['accuracy']:.2%}).")
+                b = max(good, key=lambda r: r["val_accuracy"])
+                lines.append(f"Across {g}'s learning rates, {b['lr']:g} works best on validation "
+                             f"({b['val_accuracy']:.2%}; test {b['accuracy']:.2%}).")
     bad = [r for r in rows if r["status"] not in OK]
     if bad:
         lines.append("Flagged: " + "; ".join(f"{r['name']} {r['status']}" + (f" ({r['message']})" if r['message']
