@@ -226,3 +226,39 @@ def test_report_of_runs_on_different_data_says_so(study, tmp_path, capsys):
     for r in (run, other):
         assert _counted(r) in cells[r.name]["data"]
     assert _counted(run) != _counted(other)
+
+
+def test_a_changed_study_trains_changed_runs_again_and_checks_every_run_first(cifar_root, tmp_path, capsys):
+    spec = {"name": "edits", "defaults": {"data": {"path": str(cifar_root), "limit_per_class": 10},
+                                          "train": {"epochs": 1, "batch_size": 32, "precision": "fp32"}},
+            "runs": [{"name": "small", "model": {"name": "cnn_small"}, "train": {"lr": 0.003}}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["study", str(path), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    (first,) = list((tmp_path / "s" / "edits" / "runs").iterdir())
+    spec["runs"][0]["train"]["lr"] = 0.0001
+    path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert main(["study", str(path), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "small: changed since" in out and "train.lr 0.003 -> 0.0001" in out and "already finished" not in out
+    runs = sorted((tmp_path / "s" / "edits" / "runs").iterdir())
+    assert len(runs) == 2 and first in runs  # the old run is kept
+    state = json.loads((tmp_path / "s" / "edits" / "study.json").read_text())
+    (child,) = state["children"]
+    assert child["superseded"] == [str(first)] and Path(child["run"]) != first
+    assert json.loads((Path(child["run"]) / "summary.json").read_text())["phases"][0]["lr"] == 0.0001
+    assert "superseded" in (tmp_path / "s" / "edits" / "report.md").read_text()
+    # unchanged now: skipped
+    assert main(["study", str(path), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert "small: already finished" in capsys.readouterr().out
+    # a bad model name in a later run stops the study before any run trains
+    spec["runs"] = [{"name": "fresh", "model": {"name": "cnn_small"}}, {"name": "typo", "model": {"name": "cnn_smal"}},
+                    {"name": "tiny", "model": {"name": "report004_vgg"}, "data": {"image_size": 8}}]
+    for bad, message in ((spec, "run typo: unknown model 'cnn_smal'"),
+                         ({**spec, "runs": [spec["runs"][0], spec["runs"][2]]}, "run tiny:")):
+        path.write_text(yaml.safe_dump(bad))
+        assert main(["study", str(path), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert len(list((tmp_path / "s" / "edits" / "runs").iterdir())) == 2  # "fresh" never trained

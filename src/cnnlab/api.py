@@ -9,6 +9,7 @@ raised as `UserError` before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cnnlab.core import signals
 from cnnlab.core.config import Config, config_to_dict, dump_config, load_config
 from cnnlab.core.env import env_info, precision_note, resolve_precision, seed_everything, set_threads
-from cnnlab.core.errors import UserError
+from cnnlab.core.errors import UserError, WeightsNotFound
 from cnnlab.core.recipes import DEFAULT_MODEL
 from cnnlab.core.runs import (atomic_write, find_run, is_finished, load_json, new_run_dir, read_csv, save_json,
                               write_csv)
@@ -593,20 +594,37 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
     from cnnlab.core.study import load_study
 
     st = load_study(path, sets)
-    for child in st.children:  # missing data stops the study before anything trains
+    for child in st.children:  # every run is checked before the first one trains
         if child.config.data.path and not Path(child.config.data.path).exists() and \
                 child.config.data.path not in ("cifar10", "digits"):
             raise UserError(f"study {st.name}, run {child.name}: data {child.config.data.path} not found. "
                             + (st.data_help or "Point it at the image folder with --set data.path=FOLDER"))
+        try:
+            _check_model(child.config)
+        except UserError as e:
+            raise UserError(f"study {st.name}, run {child.name}: {e}") from None
     folder = Path(out) / slug(st.name)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
+    before = {c["name"]: c for c in load_json(folder / "study.json")["children"]} \
+        if (folder / "study.json").is_file() else {}
     state = {"name": st.name, "description": st.description, "file": str(path), "children": []}
     existing = _study_runs(folder)
     for i, child in enumerate(st.children, 1):
         cfg = dataclasses.replace(child.config, out=str(folder / "runs"), tag=child.name)
+        requested = json.loads(json.dumps(_flat(config_to_dict(child.config))))  # as study.json will hold it
         run = existing.get(child.name)
-        entry = {"name": child.name, "group": child.group, "run": str(run) if run else None, "status": "pending"}
+        old = before.get(child.name, {})
+        entry = {"name": child.name, "group": child.group, "run": str(run) if run else None, "status": "pending",
+                 "requested": requested, "superseded": old.get("superseded", [])}
         head = f"[{i}/{len(st.children)}] {child.name}"
+        changed = [k for k in sorted(set(requested) | set(old.get("requested", {})))
+                   if "requested" in old and old["requested"].get(k) != requested.get(k)]
+        if run and changed:  # the study file changed this run: train it again, keep the old folder
+            log(f"{head}: changed since {run.name} ("
+                + ", ".join(f"{k} {old['requested'].get(k)!r} -> {requested.get(k)!r}" for k in changed[:4])
+                + "); training it again, the old run is kept as superseded")
+            entry["superseded"] = [*entry["superseded"], str(run)]
+            run = None
         if run and is_finished(run):
             entry["status"] = load_json(run / "summary.json")["status"]
             log(f"{head}: already finished ({entry['status']}), skipped")
@@ -618,15 +636,22 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
             try:
                 run = train(cfg, progress=progress, log=log, resume=resume)
                 entry.update(run=str(run), status=load_json(run / "summary.json")["status"])
-            except UserError as e:
-                if not str(e).startswith("no pretrained weights"):
-                    raise
+            except WeightsNotFound as e:
                 entry.update(status="weights not available", message=str(e).splitlines()[0])
                 log(f"{head}: weights not available on this machine; the report says so")
         state["children"].append(entry)
         save_json(folder / "study.json", state)
     report(folder, log=log)
     return folder
+
+
+def _check_model(cfg: Config) -> None:
+    """The model exists and takes its image size (a dry build; pretrained backbones are checked by name)."""
+    name = cfg.model.name or DEFAULT_MODEL
+    entry = get_entry(name)
+    if not is_transfer_name(name):
+        args = {"layers": list(cfg.model.layers)} if name == "custom" else {}
+        create_model(name, 10, cfg.data.image_size or entry.default_size, **args)
 
 
 def _not_reportable(run: Path) -> str:
@@ -663,6 +688,9 @@ def report(folders: list[str | Path] | str | Path, out: str | Path | None = None
         out, title = out or folders[0], f"Study {state['name']}"
         notes = [state.get("description", "")]
         for c in state["children"]:
+            if c.get("superseded"):
+                notes.append(f"{c['name']}: the study file changed it since " + ", ".join(
+                    Path(r).name for r in c["superseded"]) + " (kept, superseded); the table shows the new run.")
             run = Path(c["run"]) if c.get("run") else None
             why = _not_reportable(run) if run else c.get("status", "not run")
             if why:

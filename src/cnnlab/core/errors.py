@@ -7,3 +7,7 @@ and keeps its traceback.
 
 class UserError(Exception):
     """Bad input from the user: the message names the thing and says what to do."""
+
+
+class WeightsNotFound(UserError):
+    """No pretrained weights for a network on this machine (a study reports such a run, it does not stop)."""

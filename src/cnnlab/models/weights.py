@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cnnlab.core.errors import UserError
+from cnnlab.core.errors import UserError, WeightsNotFound
 from cnnlab.data.sources import cache_dir
 from cnnlab.models.pretrained import ALIASES, TransferNet, is_transfer_name, resolve
 
@@ -140,7 +140,7 @@ def find_weights(name: str, explicit: str = "", download: bool | None = None) ->
         except UserError as e:
             why = str(e)
     where = "\n  ".join(f"{w}: {p}" for w, p in looked) or "(no local place for this network)"
-    raise UserError(f"no pretrained weights for {name} on this machine, and {why}. "
+    raise WeightsNotFound(f"no pretrained weights for {name} on this machine, and {why}. "
                     f"Looked in:\n  {where}\nSupply a file with --weights PATH (.safetensors or a .pth state dict), "
                     f"put one in $CNNLAB_WEIGHTS named {resolve(name).arch}.safetensors, or run "
                     f"`cnnlab weights fetch {name}` where a network is available")
