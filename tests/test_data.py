@@ -20,7 +20,7 @@ from PIL import Image
 from cnnlab.cli import main
 from cnnlab.core.errors import UserError
 from cnnlab.data.archives import extract_archive
-from cnnlab.data.audit import audit
+from cnnlab.data.audit import audit, format_report
 from cnnlab.data.augment import random_crop, random_flip
 from cnnlab.data.loaders import cached_arrays
 from cnnlab.data.sources import resolve_data, scan_folder
@@ -285,3 +285,13 @@ def test_normalisation_statistics_match_the_direct_formula():
     mean, std = _mean_std(x)
     assert mean == tuple(round(v, 4) for v in direct.mean(dim=(0, 2, 3)).tolist())
     assert std == tuple(round(v, 4) for v in direct.std(dim=(0, 2, 3)).tolist())
+
+
+def test_a_class_too_small_to_split_is_warned_about(tmp_path, capsys):
+    for c, n in (("big", 10), ("tiny", 1)):
+        for i in range(n):
+            write(tmp_path / "d" / c / f"{i}.jpg", jpeg_bytes(noise_rgb((8, 8), seed=100 * (c == "tiny") + i)))
+    r = audit(tmp_path / "d", workers=1)
+    assert any("class tiny has 1 image: too few" in w for w in r.warnings)
+    assert not any("class big" in w for w in r.warnings)
+    assert "warning: class tiny has 1 image" in format_report(r)

@@ -244,3 +244,29 @@ def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_evaluate_on_other_data_leaves_out_what_the_run_saw(run, cifar_root, tmp_path, capsys):
+    import shutil
+
+    rows = list(csv.DictReader(open(run / "split.csv")))
+    picked = []
+    for cls in ("cat", "dog"):  # two of the ten classes: three training images and three test images each
+        for split in ("train", "test"):
+            picked += [r for r in rows if r["class"] == cls and r["split"] == split][:3]
+    for k, r in enumerate(picked):
+        (tmp_path / "d" / r["class"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(cifar_root / r["path"], tmp_path / "d" / r["class"] / f"{k}.jpg")
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 6 of 12 images" in out and "left out" in out
+    folder = Path(out.strip().splitlines()[-1].split(": ", 1)[1])
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["n"] == 6 and m["classes_present"] == 2 and m["seen_images"] == {"count": 6, "included": False}
+    # the macro average is over the two classes present, recomputed here from the predictions
+    preds = list(csv.DictReader(open(folder / "predictions.csv")))
+    recalls = [np.mean([p["prediction"] == c for p in preds if p["target"] == c]) for c in ("cat", "dog")]
+    assert m["recall_macro"] == pytest.approx(np.mean(recalls))
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "d"), "--include-seen"]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1])
+    assert json.loads((folder / "metrics.json").read_text())["n"] == 12

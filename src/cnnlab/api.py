@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write
 from cnnlab.data.decode import DecodeError
 from cnnlab.data.loaders import FileSource, Loader, first_images, make_loaders
 from cnnlab.data.sources import default_data, require_trainable, resolve_data, scan_folder
-from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, save_split
+from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, save_split, sha256_file
 from cnnlab.evaluate.evaluation import write_evaluation
 from cnnlab.evaluate.plots import plot_curves
 from cnnlab.evaluate.predict import Predictor, inference_speed, predict_loader
@@ -120,7 +119,8 @@ def _train(cfg: Config, progress: bool, log, resume: str | Path | None) -> Path:
         if is_finished(run_dir):  # its schedule has ended: more epochs would be another run, not this one
             s = load_json(run_dir / "summary.json")
             epochs = len(read_csv(run_dir / "history.csv")) if (run_dir / "history.csv").is_file() else 0
-            raise UserError(f"{run_dir} already finished ({s['status']} after {epochs} epochs); --resume only "
+            raise UserError(f"{run_dir} already finished ({s['status']} after {epochs} epoch{'s' * (epochs != 1)}); "
+                            "--resume only "
                             "continues a stopped run. To train longer, start a new run with more --epochs "
                             f"(its settings are in {run_dir / 'config.yaml'})")
         if (run_dir / "checkpoint.safetensors").is_file() or (run_dir / "summary.json").is_file():
@@ -398,7 +398,7 @@ def _run_phases(model, phases, loaders, cfg, run_dir, meta, *, device, precision
             train_cfg = dataclasses.replace(train_cfg, lr=found["suggestion"])
             log(f"lr auto: range test suggests {found['suggestion']:.3g} (lowest smoothed loss at "
                 f"{found['lr_min_loss']:.3g})")
-        log(f"phase {ph.name}: lr {train_cfg.lr:g}, {train_cfg.epochs} epochs, "
+        log(f"phase {ph.name}: lr {train_cfg.lr:g}, {train_cfg.epochs} epoch{'s' * (train_cfg.epochs != 1)}, "
             f"{trainable:,} of {total:,} parameters trainable")
         result = fit(net, ld, train_cfg, run_dir, device=device, precision=precision, class_weights=class_weights,
                      log=log, progress=progress, resume=resume, dist=dist, run_info={**run_info, "phase": ph.name},
@@ -488,10 +488,12 @@ def _plot_distribution(split: Split, run_dir: Path) -> None:
     save_figure(plot_class_counts(split.counts()), run_dir / "class_distribution.png")
 
 
-def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
+def evaluate(run: str | Path, data: str | None = None, include_seen: bool = False, log=print) -> Path:
     """Evaluate a trained run on its own test split, or on all images of `data`.
 
-    Writes into `RUN/evaluations/<timestamp>/` and returns that folder.
+    Images of `data` whose bytes the run trained or validated on (their sha256 is in its split.csv)
+    are left out, or with `include_seen` kept and counted. Writes into `RUN/evaluations/<timestamp>/`
+    and returns that folder.
     """
     run_dir = find_run(run)
     model, meta = load_model(run_dir)
@@ -506,7 +508,20 @@ def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
         if not scan.items:
             raise UserError(f"no images found in {root}")
         items = [i for i in scan.items if i.split == "test"] or list(scan.items)
-        split = Split(tuple(Row(i.path, i.label, "test", "") for i in items), classes)
+        seen_hashes = {r["sha256"] for r in read_csv(run_dir / "split.csv") if r["split"] in ("train", "val")} \
+            if (run_dir / "split.csv").is_file() else set()
+        hashes = {i.path: sha256_file(root / i.path) for i in items}
+        seen = [i for i in items if hashes[i.path] in seen_hashes]
+        if seen:
+            log(f"warning: {len(seen)} of {len(items)} images in {root} are ones the run trained or validated on "
+                "(same bytes as in its split.csv); " + ("kept, so the figures are optimistic" if include_seen else
+                                                        "left out (--include-seen keeps them)"))
+            if not include_seen:
+                items = [i for i in items if hashes[i.path] not in seen_hashes]
+        if not items:
+            raise UserError(f"every image in {root} is one the run trained or validated on; pass new images, "
+                            "or --include-seen to evaluate on them anyway")
+        split = Split(tuple(Row(i.path, i.label, "test", hashes[i.path]) for i in items), classes)
     else:
         if not (run_dir / "summary.json").is_file():
             raise UserError(f"{run_dir} has no summary.json, so no test split to evaluate on; finish it with "
@@ -525,9 +540,10 @@ def evaluate(run: str | Path, data: str | None = None, log=print) -> Path:
     if not len(preds.targets):
         raise UserError(f"none of the {len(rows)} images in {root} decode; pass a folder of readable images "
                         f"(`cnnlab audit {root}` lists what is wrong)")
-    out = run_dir / "evaluations" / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_run_dir(run_dir / "evaluations", "evaluation")  # a new folder, even for two in one second
     metrics = write_evaluation(preds, root, out)
+    if data:
+        metrics["seen_images"] = {"count": len(seen), "included": include_seen}
     save_json(out / "metrics.json", metrics)
     log(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  loss {metrics['loss']:.4f}  "
         f"on {metrics['n']:,} images")

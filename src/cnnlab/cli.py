@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from cnnlab.core import signals
@@ -57,6 +58,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", description="Image classification with CNNs, one command per step.")
+    parser.add_argument("--version", action="version", version=f"cnnlab {version('cnnlab')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("audit", help="decode every image of a dataset and report what is in it")
     p.add_argument("data", help="image folder, archive, or cifar10 / digits")
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a trained run on its test split or on other data")
     p.add_argument("run")
     p.add_argument("--data", help="evaluate on this data instead of the run's test split")
+    p.add_argument("--include-seen", action="store_true",
+                   help="keep images of --data that the run trained or validated on (left out by default)")
     p = sub.add_parser("predict", help="classify image files with a trained run; prints JSON")
     p.add_argument("run")
     p.add_argument("images", nargs="+")
@@ -160,7 +164,7 @@ def run(argv: list[str]) -> int:
         folder = api.report(args.folders, args.out)
         print(f"report: {folder / 'report.html'}")
     elif args.command == "evaluate":
-        out = api.evaluate(args.run, args.data)
+        out = api.evaluate(args.run, args.data, include_seen=args.include_seen)
         print(f"evaluation: {out}")
     elif args.command == "predict":
         results = api.predict(args.run, args.images)
@@ -174,9 +178,11 @@ def run(argv: list[str]) -> int:
     elif args.command == "models":
         from cnnlab.models import get_entry, list_models
 
-        for name in list_models():
+        names = list_models()
+        width = max(map(len, names))
+        for name in names:
             e = get_entry(name)
-            print(f"{name:<16} {e.default_size:>4}px  {e.description}")
+            print(f"{name:<{width}}  {e.default_size:>4}px  {e.description}")
     elif args.command == "export":
         from cnnlab.core.runs import find_run
         from cnnlab.serve import bundle

@@ -21,6 +21,10 @@ from typing import Iterable
 from cnnlab.core.errors import UserError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: the process's umask, for the mode of files written through a temporary file
+
+
 def new_run_dir(root: str | Path, model: str, tag: str = "") -> Path:
     """Create and return a fresh run folder under `root` (never reusing an existing one)."""
     root = Path(root)
@@ -50,6 +54,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the mode any new file would
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()

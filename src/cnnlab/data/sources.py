@@ -108,6 +108,14 @@ def scan_folder(root: Path) -> Scan:
             missing = [c for c in classes if c not in present]
             if missing:
                 warnings.append(f"split {split} has no images of class {', '.join(missing)}")
+    else:  # train, val and test are carved from each class: a class needs an image for each
+        counts = {c: 0 for c in classes}
+        for i in items:
+            counts[i.label] += 1
+        for c, n in counts.items():
+            if n < 3:
+                warnings.append(f"class {c} has {n} image{'s' * (n != 1)}: too few to reach train, validation and "
+                                "test; add images to it or leave it out")
     return Scan(root, tuple(items), classes, has_split, tuple(ignored), tuple(empty), tuple(warnings))
 
 

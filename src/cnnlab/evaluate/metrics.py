@@ -37,8 +37,10 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str]) 
            "accuracy": float(skm.accuracy_score(targets, pred))}
     if k > 5:
         out["top5_accuracy"] = float(skm.top_k_accuracy_score(targets, probs, k=5, labels=labels))
+    present = sorted(set(targets.tolist()))  # a class absent from these images has no recall to average in
+    out["classes_present"] = len(present)
     for avg in ("macro", "weighted"):
-        p, r, f, _ = skm.precision_recall_fscore_support(targets, pred, labels=labels, average=avg, zero_division=0)
+        p, r, f, _ = skm.precision_recall_fscore_support(targets, pred, labels=present, average=avg, zero_division=0)
         out.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
     p, r, f, s = skm.precision_recall_fscore_support(targets, pred, labels=labels, average=None, zero_division=0)
     out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}

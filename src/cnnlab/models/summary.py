@@ -47,6 +47,8 @@ def summarize(model: nn.Module, image_size: int, in_channels: int = 3) -> ModelS
             continue
 
         def hook(mod, inp, out, name=name):
+            if any(r.name == name for r in rows):  # a second call (FastNet's mirror-image pass) adds no layer
+                return
             rows.append(LayerRow(name, type(mod).__name__, tuple(out.shape[1:]),
                                  sum(p.numel() for p in mod.parameters(recurse=False))))
 

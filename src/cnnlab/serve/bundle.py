@@ -107,17 +107,20 @@ def load_bundle(path: str | Path) -> tuple[Path, dict]:
     return folder, info
 
 
-def check(folder: Path, run: Path, n: int = 64, log=print) -> float:
-    """Largest |bundle probability - evaluation probability| over `n` test images of the run."""
+def check(folder: Path, run: Path, log=print, chunk: int = 256) -> float:
+    """Largest |bundle probability - evaluation probability| over every test image of the run."""
     from cnnlab.serve.engine import Engine
 
-    rows = read_csv(run / "predictions.csv")[:n]
+    rows = read_csv(run / "predictions.csv")
     root = Path(load_json(run / "summary.json")["data"]["root"])
     engine = Engine.load(folder)
     classes = engine.classes
-    probs = engine.predict_files([root / r["path"] for r in rows])
-    ref = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
-    err = float(np.abs(probs - ref).max()) if len(rows) else 0.0
+    err = 0.0
+    for i in range(0, len(rows), chunk):  # in chunks: 10,000 images at 224 px would not fit in memory at once
+        part = rows[i:i + chunk]
+        probs = engine.predict_files([root / r["path"] for r in part])
+        ref = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in part])
+        err = max(err, float(np.abs(probs - ref).max()))
     log(f"check: {len(rows)} test images, largest probability difference to evaluation {err:.2e} "
         f"({engine.kind})")
     return err
