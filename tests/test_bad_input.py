@@ -124,6 +124,9 @@ CASES = {
     "predict-folder": Case(("predict", "{run}", "empty"), ("empty",), {"empty": empty_folder}),
     "predict-missing-file": Case(("predict", "{run}", "nope.jpg"), ("nope.jpg",)),
     "predict-not-an-image": Case(("predict", "{run}", "notes.txt"), ("notes.txt",), NOTES),
+    # train
+    "train-weights-not-weights": Case(("train", "--data", "{cifar}", "--model", "resnet18", "--weights", "notes.txt",
+                                       "--freeze", "--set", "data.limit_per_class=5"), ("notes.txt",), NOTES),
     # study files
     "study-missing-file": Case(("study", "nope.yaml"), ("nope.yaml",)),
     "study-bad-yaml": Case(("study", "s.yaml"), ("s.yaml", "line 3"), study(b"name: s\nruns: [\n")),

@@ -35,7 +35,7 @@ def test_the_main_job_on_a_small_sample(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "demo"
     state = json.loads((folder / "study.json").read_text())
     runs = {c["name"]: Path(c["run"]) for c in state["children"]}
-    assert set(runs) == {"cnn-lr0.0003", "cnn-lr0.001", "cnn-lr0.003", "efficientnet_lite0-frozen"}
+    assert set(runs) == {"cnn-lr0.0003", "cnn-lr0.001", "cnn-lr0.003", "fastnet", "efficientnet_lite0-frozen"}
     rows = _table((folder / "report.md").read_text())
     assert set(rows) == set(runs)
     for name, run in runs.items():
