@@ -48,3 +48,15 @@ def test_top5_with_many_classes():
     ranks = (-probs).argsort(1)[:, :5]
     assert m["top5_accuracy"] == pytest.approx(np.mean([t in r for t, r in zip(targets, ranks)]))
     assert math.isfinite(m["ece"])
+
+
+def test_loss_curves_mark_whole_epochs_only():
+    from cnnlab.evaluate.plots import plot_curves
+
+    history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.1 / e, "train_accuracy": 0.3 * e,
+                "val_accuracy": 0.25 * e, "phase": "scratch"} for e in (1, 2)]
+    fig = plot_curves(history)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

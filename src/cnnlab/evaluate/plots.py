@@ -7,6 +7,13 @@ import numpy as np
 from cnnlab.core.figures import pyplot
 
 
+def integer_ticks():
+    """Ticks at whole epochs only (matplotlib would mark 1.5 on a two-epoch run)."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def plot_curves(history: list[dict], title: str = ""):
     """Loss and accuracy per epoch, train vs validation, side by side; phases (frozen, finetune) marked."""
     plt = pyplot()
@@ -23,6 +30,7 @@ def plot_curves(history: list[dict], title: str = ""):
                 ax.text(i + 0.6, 1.0, phases[i], transform=ax.get_xaxis_transform(), va="top", fontsize=8,
                         color="grey")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(integer_ticks())
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -21,6 +21,7 @@ import numpy as np
 from cnnlab.core.errors import UserError
 from cnnlab.core.figures import pyplot, save_figure
 from cnnlab.core.runs import atomic_write, load_json, read_csv
+from cnnlab.evaluate.plots import integer_ticks
 from cnnlab.evaluate.run_report import data_facts, data_line
 
 OK = ("completed", "early_stopped")
@@ -161,6 +162,7 @@ def plot_loss_panels(rows: list[dict]):
         ax.plot(ep, [float(h["val_loss"]) for h in r["history"]], "o-", ms=2, label="validation")
         ax.set_title(f"{r['name']}" + ("" if r["status"] in OK else f" ({r['status']})"), fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(integer_ticks())
         ax.set_ylabel("loss", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
