@@ -108,8 +108,10 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(reference, ci
 def test_kill_in_the_middle_of_a_checkpoint_write(reference, cifar_root, tmp_path):
     _, ref_w, _ = reference
     root = tmp_path / "runs"
-    code, text = finish(cnnlab("train", "--data", str(cifar_root), "--out", str(root), *ARGS,
-                               env={"CNNLAB_FAULT": "kill-in-checkpoint:3"}))
+    probe = Path(__file__).parent / "fault_probe.py"
+    proc = subprocess.Popen([sys.executable, str(probe), "3", "train", "--data", str(cifar_root), "--out", str(root),
+                             *ARGS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    code, text = finish(proc)
     assert code == -signal.SIGKILL, text
     (run,) = list(root.iterdir())
     assert list(run.glob(".checkpoint.safetensors.fault.tmp"))  # the half-written file is there...

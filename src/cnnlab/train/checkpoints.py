@@ -9,9 +9,7 @@ written atomically, so the previous checkpoint stays intact until the new one is
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,6 @@ from cnnlab.core.errors import UserError
 from cnnlab.core.runs import atomic_write
 
 CHECKPOINT = "checkpoint.safetensors"
-_writes = 0
 
 
 def capture_rng() -> tuple[dict, dict]:
@@ -56,26 +53,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict,
     meta = {"progress": progress, "rng": rng_state, "param_groups": opt["param_groups"],
             "scheduler": scheduler.state_dict()}
     data = save(tensors, metadata={"cnnlab": json.dumps(meta)})
-    path = Path(run_dir) / CHECKPOINT
-    _fault_injection(path, data)
-    return atomic_write(path, data)
-
-
-def _fault_injection(path: Path, data: bytes) -> None:
-    """CNNLAB_FAULT=kill-in-checkpoint:N kills this process halfway through the Nth checkpoint write.
-
-    Used by the tests to prove that a kill mid-write never leaves an unreadable checkpoint.
-    """
-    global _writes
-    _writes += 1
-    fault = os.environ.get("CNNLAB_FAULT", "")
-    if fault.startswith("kill-in-checkpoint:") and _writes == int(fault.split(":")[1]):
-        tmp = path.with_name(f".{path.name}.fault.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data[: len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+    return atomic_write(Path(run_dir) / CHECKPOINT, data)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict, dict]:
