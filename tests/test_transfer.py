@@ -22,7 +22,8 @@ from cnnlab.data.decode import load_array
 from cnnlab.models import create_model
 from cnnlab.models.checkpoint import load_model
 from cnnlab.models.pretrained import build_imagenet_model, pretrained_preprocessing
-from cnnlab.models.weights import _lukemelas_to_timm, find_weights, sha256_file
+from cnnlab.core.runs import sha256_file
+from cnnlab.models.weights import _lukemelas_to_timm, find_weights
 from cnnlab.train.features import OnnxEngine, TorchEngine
 
 

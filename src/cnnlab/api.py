@@ -23,12 +23,12 @@ from cnnlab.core.env import env_info, precision_note, resolve_precision, seed_ev
 from cnnlab.core.errors import UserError, WeightsNotFound
 from cnnlab.core.recipes import DEFAULT_MODEL
 from cnnlab.core.runs import (atomic_write, find_run, is_finished, load_json, new_run_dir, read_csv, save_json,
-                              write_csv)
+                              sha256_file, write_csv)
 from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write_audit
 from cnnlab.data.decode import DecodeError
 from cnnlab.data.loaders import FileSource, Loader, first_images, make_loaders
 from cnnlab.data.sources import default_data, require_trainable, resolve_data, scan_folder
-from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, save_split, sha256_file
+from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, save_split
 from cnnlab.evaluate.evaluation import write_evaluation
 from cnnlab.evaluate.plots import plot_curves
 from cnnlab.evaluate.predict import Predictor, inference_speed, predict_loader

@@ -8,6 +8,7 @@ one, never half of one.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -64,6 +65,19 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_digest(path: str | Path, algo: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in 1 MiB chunks (weights files can be gigabytes)."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def _json_safe(x):

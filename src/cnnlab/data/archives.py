@@ -9,7 +9,6 @@ code from the file can run.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -22,19 +21,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cnnlab.core.errors import UserError
+from cnnlab.core.runs import file_digest
 
 MAX_EXTRACT_BYTES = 20 * 2**30  # 20 GiB of extracted data at most
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official cifar-10-python.tar.gz
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-def file_digest(path: Path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _safe_member(name: str, archive: Path) -> PurePosixPath:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnlab.core.errors import UserError
+from cnnlab.core.runs import file_digest
 from cnnlab.data.archives import (
     ARCHIVE_SUFFIXES,
     cifar_tar_to_folder,
     extract_archive,
-    file_digest,
     is_cifar_python_archive,
     staged_folder,
 )

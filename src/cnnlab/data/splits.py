@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnlab.core.errors import UserError
-from cnnlab.core.runs import read_csv, write_csv
+from cnnlab.core.runs import read_csv, sha256_file, write_csv
 from cnnlab.data.sources import Scan
 
 SPLITS = ("train", "val", "test")
@@ -45,10 +45,6 @@ class Split:
         for r in self.rows:
             out[r.label][r.split] += 1
         return out
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _carve(groups_by_class: dict[str, list[str]], fractions: dict[str, float], rng: random.Random) -> dict[str, str]:

@@ -10,7 +10,6 @@ key names and are mapped onto timm's `tf_efficientnet_liteN` here -> a download 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cnnlab.core.errors import UserError, WeightsNotFound
+from cnnlab.core.runs import sha256_file
 from cnnlab.data.sources import cache_dir
 from cnnlab.models.pretrained import ALIASES, TransferNet, is_transfer_name, resolve
 
@@ -32,14 +32,6 @@ class Weights:
     path: Path
     source: str  # where it was found, in words
     sha256: str
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -15,9 +15,8 @@ import torch
 
 from cnnlab import __version__
 from cnnlab.core.errors import UserError
-from cnnlab.core.runs import atomic_write, find_run, load_json, read_csv, save_json
+from cnnlab.core.runs import atomic_write, find_run, load_json, read_csv, save_json, sha256_file
 from cnnlab.models.checkpoint import load_model, to_onnx
-from cnnlab.models.weights import sha256_file
 
 FILES = ("model.safetensors", "model.json", "model.onnx")
 MAX_THRESHOLD_IMAGES = 2000  # validation images used to choose the "uncertain" threshold
