@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,9 @@ def test_run_folder_is_complete(run):
     assert sum(r["split"] == "test" for r in split) == 400
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "src='http" not in html
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "summary.json").stat().st_mode & 0o777 == 0o666 & ~umask  # the mode any new file gets
     cfg = load_config(run / "config.yaml")  # the resolved config loads back as a config
     assert cfg.model.name == "report000_cnn" and cfg.data.image_size == 32
 
@@ -179,7 +183,7 @@ def test_no_better_than_chance_is_flagged(tmp_path, capsys):
 ])
 def test_bad_training_input_fails_before_any_run_folder(cifar_root, tmp_path, capsys, args, message):
     code = main(["train", "--data", str(cifar_root), "--out", str(tmp_path / "runs"), "--set",
-                 "data.limit_per_class=5", *args])
+                 "data.limit_per_class=20", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
@@ -219,24 +223,40 @@ def test_report_states_the_data_path_and_split_counts(run, cifar_root):
     assert line in (run / "report.html").read_text()
 
 
-def test_a_run_that_fails_after_its_folder_exists_says_so(run, tmp_path, capsys):
+def test_a_run_that_fails_after_its_folder_exists_says_so(run, tmp_path, capsys, monkeypatch):
+    import cnnlab.api
+
     for c in ("a", "b"):
         for i in range(6):
             write(tmp_path / "tiny" / c / f"{i}.png", _png(100 * (c == "b") + i))
-    code = main(["train", "--data", str(tmp_path / "tiny"), "--model", "cnn_small", "--epochs", "1", "--image-size", "16",
-                 "--precision", "fp32", "--out", str(tmp_path / "runs"), "--set", "data.val_fraction=0.01",
-                 "--no-progress"])
-    assert code == 2 and "no validation images" in capsys.readouterr().err
+    args = ["--data", str(tmp_path / "tiny"), "--model", "cnn_small", "--epochs", "1", "--image-size", "16",
+            "--precision", "fp32", "--out", str(tmp_path / "runs"), "--no-progress"]
+    # a split with no validation images is the user's to fix: said before any folder is made
+    assert main(["train", *args, "--set", "data.val_fraction=0.01"]) == 2
+    assert "no validation images" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cnnlab.api, "make_loaders", full_disk)  # a failure once the folder exists
+    with pytest.raises(OSError):
+        main(["train", *args, "--set", "data.val_fraction=0.3"])
     (failed,) = list((tmp_path / "runs").iterdir())
     s = json.loads((failed / "summary.json").read_text())
-    assert s["status"] == "failed" and "no validation images" in s["message"]
-    assert (failed / "log.txt").read_text().rstrip().splitlines()[-1].startswith("status: failed (the split has no")
+    assert s["status"] == "failed" and "No space left on device" in s["message"]
+    last = (failed / "log.txt").read_text().rstrip().splitlines()[-1]
+    assert last.startswith("status: failed (OSError") and f"cnnlab train --resume {failed}" in last
+    assert main(["predict", str(failed), str(tmp_path / "tiny" / "a" / "0.png")]) == 2  # not a model to use
+    monkeypatch.undo()
     # a report over several folders leaves the failed one out, with a warning, and reports the rest
     assert main(["report", str(failed), str(run), "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
     assert f"warning: {failed} left out of the report: failed" in out
     md = (tmp_path / "cmp" / "report.md").read_text()
     assert run.name in md and failed.name not in md
+    # once the disk has room again, --resume finishes it in the same folder
+    assert main(["train", "--resume", str(failed), "--no-progress"]) == 0
+    assert json.loads((failed / "summary.json").read_text())["status"] in ("completed", "failed_to_learn")
 
 
 def _png(seed: int) -> bytes:

@@ -75,6 +75,8 @@ def _class_weights(split: Split) -> torch.Tensor:
 # What a resumed run may change; everything else must match the checkpointed run.
 RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.checkpoint_steps", "train.threads", "train.compile",
                      "train.eval_batch_size", "data.workers", "data.loader", "data.memory_cap_mb", "out", "tag"}
+# How a run is carried out, not what it computes: a study whose file changes only these trains nothing again.
+OPERATIONAL = RESUMABLE_CHANGES - {"train.epochs", "train.patience"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -123,8 +125,8 @@ def _train(cfg: Config, progress: bool, log, resume: str | Path | None) -> Path:
                             "--resume only "
                             "continues a stopped run. To train longer, start a new run with more --epochs "
                             f"(its settings are in {run_dir / 'config.yaml'})")
-        if (run_dir / "checkpoint.safetensors").is_file() or (run_dir / "summary.json").is_file():
-            checkpoint = load_checkpoint(run_dir)  # a finished run has no checkpoint: this says so
+        if (run_dir / "checkpoint.safetensors").is_file():
+            checkpoint = load_checkpoint(run_dir)
         else:  # stopped before its first checkpoint: nothing was learned yet, start again in the same folder
             log(f"{run_dir} has no checkpoint yet: training it from the first step")
         _check_resumable(load_config(run_dir / "config.yaml"), cfg, run_dir)
@@ -208,12 +210,16 @@ def _train(cfg: Config, progress: bool, log, resume: str | Path | None) -> Path:
         barrier(dist)
         signals.raise_if_requested()
     except signals.Interrupted as e:
-        e.run_dir = run_dir
-        tee(f"interrupted by {e.name}; continue with: cnnlab train --resume {run_dir}")
+        if dist.main and is_finished(run_dir):  # it came during the final evaluation or report: nothing to resume
+            tee(f"stopped by {e.name} after the run completed")
+        else:
+            e.run_dir = run_dir
+            tee(f"interrupted by {e.name}; continue with: cnnlab train --resume {run_dir}")
         raise
     except Exception as e:  # the folder says it failed and why, so no one mistakes it for a run to finish
         if dist.main:
-            _record_failure(run_dir, e, tee)
+            log_file.close()
+            _record_failure(run_dir, e)
         raise
     finally:
         if log_file:
@@ -222,14 +228,16 @@ def _train(cfg: Config, progress: bool, log, resume: str | Path | None) -> Path:
     return run_dir
 
 
-def _record_failure(run_dir: Path, error: Exception, tee) -> None:
+def _record_failure(run_dir: Path, error: Exception) -> None:
     import traceback
 
     message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error} (a bug in cnnlab)"
-    if not isinstance(error, UserError):
-        tee("".join(traceback.format_exception(error)).rstrip())
-    tee(f"status: failed ({message})")
-    save_json(run_dir / "summary.json", {"status": "failed", "message": message})
+    with open(run_dir / "log.txt", "a") as log_file:  # the traceback for the log only: Python prints it too
+        if not isinstance(error, UserError):
+            log_file.write("".join(traceback.format_exception(error)))
+        log_file.write(f"status: failed ({message}); continue with: cnnlab train --resume {run_dir}\n")
+    old = load_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    save_json(run_dir / "summary.json", {**old, "status": "failed", "message": message})
 
 
 @dataclasses.dataclass
@@ -263,6 +271,10 @@ def _data_and_split(cfg: Config, log, split_csv: Path | None = None) -> tuple[Pa
                            seed=cfg.data.split_seed, limit_per_class=cfg.data.limit_per_class)
     if split.dropped:
         log(f"leakage: left out {len(split.dropped)} training files whose bytes also appear in val/test")
+    for part, key in (("val", "data.val_fraction"), ("test", "data.test_fraction")):  # before any folder exists
+        if not split.of(part):
+            raise UserError(f"the split has no {'validation' if part == 'val' else 'test'} images; use more data "
+                            f"or a larger {key}")
     return root, split
 
 
@@ -492,7 +504,7 @@ def evaluate(run: str | Path, data: str | None = None, include_seen: bool = Fals
     """Evaluate a trained run on its own test split, or on all images of `data`.
 
     Images of `data` whose bytes the run trained or validated on (their sha256 is in its split.csv)
-    are left out, or with `include_seen` kept and counted. Writes into `RUN/evaluations/<timestamp>/`
+    are left out, or with `include_seen` kept and counted. Writes into `RUN/evaluations/<time>-evaluation/`
     and returns that folder.
     """
     run_dir = find_run(run)
@@ -621,9 +633,16 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
             raise UserError(f"study {st.name}, run {child.name}: {e}") from None
     folder = Path(out) / slug(st.name)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
-    before = {c["name"]: c for c in load_json(folder / "study.json")["children"]} \
-        if (folder / "study.json").is_file() else {}
-    state = {"name": st.name, "description": st.description, "file": str(path), "children": []}
+    try:
+        before = {c["name"]: c for c in load_json(folder / "study.json")["children"]} \
+            if (folder / "study.json").is_file() else {}
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{folder / 'study.json'} is damaged; move it away and run the study again (finished runs "
+                        "are found from their folders)") from None
+    # every child's record from the start, so a study stopped mid-way loses none of them
+    state = {"name": st.name, "description": st.description, "file": str(path),
+             "children": [before.get(c.name, {"name": c.name, "group": c.group, "run": None, "status": "pending"})
+                          for c in st.children]}
     existing = _study_runs(folder)
     for i, child in enumerate(st.children, 1):
         cfg = dataclasses.replace(child.config, out=str(folder / "runs"), tag=child.name)
@@ -634,7 +653,7 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
                  "requested": requested, "superseded": old.get("superseded", [])}
         head = f"[{i}/{len(st.children)}] {child.name}"
         changed = [k for k in sorted(set(requested) | set(old.get("requested", {})))
-                   if "requested" in old and old["requested"].get(k) != requested.get(k)]
+                   if "requested" in old and old["requested"].get(k) != requested.get(k) and k not in OPERATIONAL]
         if run and changed:  # the study file changed this run: train it again, keep the old folder
             log(f"{head}: changed since {run.name} ("
                 + ", ".join(f"{k} {old['requested'].get(k)!r} -> {requested.get(k)!r}" for k in changed[:4])
@@ -649,13 +668,15 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
             log(f"{head}: " + ("resuming " + str(run) if resume else "training"))
             if resume:  # a run continues with its own resolved config, as `cnnlab train --resume` does
                 cfg = load_config(run / "config.yaml")
+            state["children"][i - 1] = {**entry, "status": "running"}  # what it trains for, before it trains
+            save_json(folder / "study.json", state)
             try:
                 run = train(cfg, progress=progress, log=log, resume=resume)
                 entry.update(run=str(run), status=load_json(run / "summary.json")["status"])
             except WeightsNotFound as e:
                 entry.update(status="weights not available", message=str(e).splitlines()[0])
                 log(f"{head}: weights not available on this machine; the report says so")
-        state["children"].append(entry)
+        state["children"][i - 1] = entry
         save_json(folder / "study.json", state)
     report(folder, log=log)
     return folder
@@ -665,9 +686,10 @@ def _check_model(cfg: Config) -> None:
     """The model exists and takes its image size (a dry build; pretrained backbones are checked by name)."""
     name = cfg.model.name or DEFAULT_MODEL
     entry = get_entry(name)
-    if not is_transfer_name(name):
+    if not is_transfer_name(name):  # pretrained backbones resize their input inside the model
         args = {"layers": list(cfg.model.layers)} if name == "custom" else {}
-        create_model(name, 10, cfg.data.image_size or entry.default_size, **args)
+        size = cfg.data.image_size or entry.default_size
+        summarize(create_model(name, 10, size, **args), size)  # one image through it: every layer fits
 
 
 def _not_reportable(run: Path) -> str:

@@ -10,8 +10,9 @@ import argparse
 import json
 import os
 import sys
-from importlib.metadata import version
 from pathlib import Path
+
+import cnnlab
 
 from cnnlab.core import signals
 from cnnlab.core.errors import UserError
@@ -58,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", description="Image classification with CNNs, one command per step.")
-    parser.add_argument("--version", action="version", version=f"cnnlab {version('cnnlab')}")
+    parser.add_argument("--version", action="version", version=f"cnnlab {cnnlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("audit", help="decode every image of a dataset and report what is in it")
     p.add_argument("data", help="image folder, archive, or cifar10 / digits")
@@ -198,9 +199,10 @@ def run(argv: list[str]) -> int:
         print(f"bundle: {folder}")
     elif args.command == "serve":
         from cnnlab.serve import bundle
-        from cnnlab.serve.app import serve
+        from cnnlab.serve.app import check_port, serve
 
         path = Path(args.path)
+        check_port(args.host, args.port)  # before a slow export: a taken port is said at once
         if not (path / "bundle.json").is_file() and not (path / "bundle" / "bundle.json").is_file():
             if not (path / "model.json").is_file():
                 raise UserError(f"{path} is neither a bundle nor a trained run folder")

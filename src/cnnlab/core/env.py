@@ -15,6 +15,11 @@ import cnnlab
 from cnnlab.core.errors import UserError
 
 
+def offline() -> bool:
+    """CNNLAB_OFFLINE=1 (or true, yes): never download weights or data."""
+    return os.environ.get("CNNLAB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; in deterministic mode also force deterministic kernels."""
     random.seed(seed)

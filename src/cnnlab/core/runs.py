@@ -14,16 +14,12 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 import time
 from pathlib import Path
 from typing import Iterable
 
 from cnnlab.core.errors import UserError
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # read once: the process's umask, for the mode of files written through a temporary file
 
 
 def new_run_dir(root: str | Path, model: str, tag: str = "") -> Path:
@@ -53,9 +49,9 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the mode any new file would
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -111,10 +107,13 @@ def read_csv(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+ENDED = ("completed", "early_stopped", "failed_to_learn", "diverged")  # statuses of a run whose training is over
+
+
 def is_finished(run_dir: Path) -> bool:
-    """A run that ended (completed, stopped early, failed to learn, diverged): not one stopped by a signal."""
+    """A run whose training ended; not one stopped by a signal or by an error, which --resume continues."""
     summary = Path(run_dir) / "summary.json"
-    return summary.is_file() and load_json(summary).get("status") != "interrupted"
+    return summary.is_file() and load_json(summary).get("status") in ENDED
 
 
 def find_run(path: str | Path) -> Path:
@@ -125,4 +124,7 @@ def find_run(path: str | Path) -> Path:
     if not (p / "model.json").is_file() or not (p / "model.safetensors").is_file():
         raise UserError(f"{p} is not a finished run folder (no model.json / model.safetensors); pass the folder "
                         "printed as 'run: ...' by cnnlab train")
+    if (p / "summary.json").is_file() and load_json(p / "summary.json").get("status") == "failed":
+        raise UserError(f"{p} failed ({load_json(p / 'summary.json').get('message', '')}); see its log.txt, then "
+                        f"continue it with `cnnlab train --resume {p}`")
     return p

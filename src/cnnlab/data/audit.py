@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import save_json
+from cnnlab.core.workers import process_map
 from cnnlab.data.decode import DecodeError, decode_image, fit_square
 from cnnlab.data.sources import Scan, scan_folder
 
@@ -69,11 +69,7 @@ def audit(data: Path | Scan, workers: int = 2) -> AuditReport:
     paths = [i.path for i in scan.items]
     chunk = max(32, math.ceil(len(paths) / max(1, workers * 8)))
     jobs = [(str(scan.root), paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            infos = [x for part in pool.map(_inspect, jobs) for x in part]
-    else:
-        infos = [x for j in jobs for x in _inspect(j)]
+    infos = [x for part in process_map(_inspect, jobs, workers) for x in part]
     by_path = {i["path"]: i for i in infos}
     classes = {c: {} for c in scan.classes}
     rejected, sizes, modes, formats = [], Counter(), Counter(), Counter()

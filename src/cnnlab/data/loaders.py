@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from cnnlab.core.errors import UserError
+from cnnlab.core.workers import process_map
 from cnnlab.data.augment import augment_batch, to_model_input
 from cnnlab.data.decode import DecodeError, load_array
 from cnnlab.data.sources import cache_dir
@@ -50,11 +50,7 @@ def decode_all(root: Path, paths: list[str], size: int, workers: int, crop: floa
     """Decode `paths` in parallel: (N, 3, size, size) uint8 and one error string per file ('' = ok)."""
     chunk = max(64, math.ceil(len(paths) / max(1, workers * 8)))
     jobs = [(str(root), paths[i:i + chunk], size, crop) for i in range(0, len(paths), chunk)]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_decode_chunk, jobs))
-    else:
-        parts = [_decode_chunk(j) for j in jobs]
+    parts = process_map(_decode_chunk, jobs, workers)
     if not parts:
         return np.zeros((0, 3, size, size), np.uint8), []
     return np.concatenate([p[0] for p in parts]), [e for p in parts for e in p[1]]

@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cnnlab.core.env import offline
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import file_digest
 from cnnlab.data.archives import (
@@ -178,7 +179,7 @@ def _cifar10() -> tuple[Path, str]:
         if tar.is_file():
             return cifar_tar_to_folder(tar, cache_dir() / "datasets" / "cifar10-official"), f"data: CIFAR-10 archive {tar}"
     target = cache_dir() / "datasets" / "cifar-10-python.tar.gz"
-    if os.environ.get("CNNLAB_OFFLINE") == "1":
+    if offline():
         raise UserError("CIFAR-10 not found, and CNNLAB_OFFLINE=1 forbids the download. Looked in: "
                         + ", ".join(looked) + ". Put cifar-10-python.tar.gz or a cifar10/ image folder in $CNNLAB_DATA")
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cnnlab.core.env import offline
 from cnnlab.core.errors import UserError, WeightsNotFound
 from cnnlab.core.runs import sha256_file
 from cnnlab.data.sources import cache_dir
@@ -121,7 +122,7 @@ def find_weights(name: str, explicit: str = "", download: bool | None = None) ->
         if path.is_file():
             return Weights(read_state_dict(path), path, f"{where}: {path}", sha256_file(path))
     if download is None:
-        download = not _offline()
+        download = not offline()
     why = "downloads are off (CNNLAB_OFFLINE)"
     if download:
         try:
@@ -136,17 +137,13 @@ def find_weights(name: str, explicit: str = "", download: bool | None = None) ->
                     f"`cnnlab weights fetch {name}` where a network is available")
 
 
-def _offline() -> bool:
-    return os.environ.get("CNNLAB_OFFLINE", "") in ("1", "true", "yes")
-
-
 def fetch(name: str) -> Path:
     """Download `name`'s weights through timm / torchvision and keep them as safetensors in the cnnlab cache."""
     if not is_transfer_name(name):
         raise UserError(f"{name!r} is not a pretrained network; choose one of {', '.join(ALIASES)}, "
                         "or timm:NAME / tv:NAME (see `cnnlab weights list`)")
     a = resolve(name)
-    if _offline():
+    if offline():
         raise UserError(f"cannot download weights for {name}: downloads are off (CNNLAB_OFFLINE="
                         f"{os.environ['CNNLAB_OFFLINE']}); unset CNNLAB_OFFLINE where a network is available, "
                         "or supply a file with --weights PATH or $CNNLAB_WEIGHTS")

@@ -226,7 +226,7 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     return app
 
 
-def _check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> None:
     """UserError unless `host:port` can be bound now, tried the way uvicorn binds it, so a taken port is
     one clear line before the URL is announced, not a uvicorn log line after it."""
     import errno
@@ -265,7 +265,7 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1
     folder, info = load_bundle(path)  # a bad bundle fails here, before any worker starts
     if not 1 <= workers <= 64:
         raise UserError("--workers must be between 1 and 64")
-    _check_port(host, port)  # before the URL is announced: a taken port is one clear error, not a log line
+    check_port(host, port)  # before the URL is announced: a taken port is one clear error, not a log line
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
     os.environ.update({"CNNLAB_SERVE_PATH": str(folder), "CNNLAB_SERVE_ENGINE": engine,

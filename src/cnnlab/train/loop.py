@@ -230,7 +230,10 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 status = "early_stopped"
                 message = f"no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {p['best_epoch']}"
                 break
-            if signals.requested():
+            stop = float(bool(signals.requested()))
+            if dist.active:  # every rank stops after the same epoch, or they wait on each other for ever
+                stop = all_sum([stop], dist, device)[0]
+            if stop:
                 status = "interrupted"
                 message = f"stopped after epoch {epoch}; continue with: cnnlab train --resume {run_dir}"
                 break
