@@ -47,3 +47,12 @@ def test_bad_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(UserError, match="mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("setting,shown", [("train.epochs=0", "train.epochs must be at least 1, got 0"),
+                                           ("model.dropout=1.5", "model.dropout must be in [0, 1), got 1.5"),
+                                           ("data.workers=-2", "data.workers must not be negative, got -2")])
+def test_an_invalid_value_is_shown_with_what_to_do(setting, shown):
+    with pytest.raises(UserError) as e:
+        load_config(None, None, [setting])
+    assert shown in str(e.value) and f"--set {setting.split('=')[0]}=VALUE" in str(e.value)

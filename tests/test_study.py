@@ -14,6 +14,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from cnnlab.cli import main
+from cnnlab.core.config import load_config
 from cnnlab.report.compare import load_run
 from cnnlab.train.lr_find import suggest_lr
 
@@ -164,6 +165,7 @@ def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
     said = re.search(r"lr auto: range test suggests ([0-9.e+-]+)", (run / "log.txt").read_text())
     assert said and s["phases"][0]["lr"] == pytest.approx(float(said.group(1)), rel=1e-2)  # trained at what it found
     assert 1e-5 < s["phases"][0]["lr"] < 0.1  # and that is an Adam learning rate, not the range's ends
+    assert load_config(run / "config.yaml").train.lr == s["phases"][0]["lr"]  # config.yaml: what was used
 
 
 def test_load_run_reads_only_files(study):

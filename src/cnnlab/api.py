@@ -410,6 +410,10 @@ def _run_phases(model, phases, loaders, cfg, run_dir, meta, *, device, precision
             train_cfg = dataclasses.replace(train_cfg, lr=found["suggestion"])
             log(f"lr auto: range test suggests {found['suggestion']:.3g} (lowest smoothed loss at "
                 f"{found['lr_min_loss']:.3g})")
+            if dist.main and len(phases) == 1:  # config.yaml says what was used (a resume then reuses it)
+                used = load_config(run_dir / "config.yaml")
+                atomic_write(run_dir / "config.yaml", dump_config(dataclasses.replace(
+                    used, train=dataclasses.replace(used.train, lr=found["suggestion"]))))
         log(f"phase {ph.name}: lr {train_cfg.lr:g}, {train_cfg.epochs} epoch{'s' * (train_cfg.epochs != 1)}, "
             f"{trainable:,} of {total:,} parameters trainable")
         result = fit(net, ld, train_cfg, run_dir, device=device, precision=precision, class_weights=class_weights,

@@ -202,10 +202,10 @@ def run(argv: list[str]) -> int:
         from cnnlab.serve.app import check_port, serve
 
         path = Path(args.path)
-        check_port(args.host, args.port)  # before a slow export: a taken port is said at once
         if not (path / "bundle.json").is_file() and not (path / "bundle" / "bundle.json").is_file():
             if not (path / "model.json").is_file():
                 raise UserError(f"{path} is neither a bundle nor a trained run folder")
+            check_port(args.host, args.port)  # before a slow export: a taken port is said at once
             bundle.export(path)
         serve(str(path), args.host, args.port, args.workers, args.threads, args.engine,
               int(args.max_body_mb * 2**20), args.api_key)

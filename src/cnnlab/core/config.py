@@ -214,7 +214,10 @@ def validate(cfg: Config) -> Config:
     ]
     for ok, message in checks:
         if not ok:
-            raise UserError(f"config: {message}")
+            key = message.split()[0]
+            section, name = key.split(".")
+            shown = "" if "got" in message or " + " in message else f", got {getattr(getattr(cfg, section), name)!r}"
+            raise UserError(f"config: {message}{shown}; fix it in the config file or with --set {key}=VALUE")
     return cfg
 
 
