@@ -264,3 +264,21 @@ def test_a_changed_study_trains_changed_runs_again_and_checks_every_run_first(ci
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert len(list((tmp_path / "s" / "edits" / "runs").iterdir())) == 2  # "fresh" never trained
+
+
+def test_runs_on_the_same_images_at_other_sizes_used_the_same_data(study, tmp_path, capsys):
+    folder, _ = study
+    run = sorted((folder / "runs").iterdir())[0]
+    bigger = shutil.copytree(run, tmp_path / "bigger")  # the same split, as a pretrained network would decode it
+    summary = json.loads((bigger / "summary.json").read_text())
+    summary["data"]["image_size"] = 224
+    (bigger / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(run), str(bigger), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "different data" not in md
+    assert any(line.startswith("Data: ") and "decoded at the sizes in the px column" in line for line in md.splitlines())
+    header = next(line for line in md.splitlines() if line.startswith("| run |"))
+    px = [c.strip() for c in header.strip("|").split("|")].index("px")
+    sizes = {line.strip("|").split("|")[px].strip() for line in md.splitlines()
+             if line.startswith("| ") and not line.startswith("| run |")}
+    assert {"32", "224"} <= sizes

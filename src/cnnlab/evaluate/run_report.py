@@ -47,11 +47,15 @@ def data_facts(run_dir: Path, summary: dict | None = None) -> dict:
             "rejected": data.get("rejected") or 0, "split_sha256": data.get("split_sha256", "")}
 
 
-def data_line(facts: dict) -> str:
-    """`<root>, N train / N val / N test images, K classes, S px` (the same words in every report)."""
+def data_line(facts: dict, with_size: bool = True) -> str:
+    """`<root>, N train / N val / N test images, K classes, S px` (the same words in every report).
+
+    Without `with_size` it names the images only: runs that decode the same images at other sizes
+    (a CNN at 32 px, a pretrained network at 224) used the same data.
+    """
     size = f"{facts['image_size']} px" if facts["image_size"] else "image size not recorded"
     line = (f"{facts['root']}, {facts['train']:,} train / {facts['val']:,} val / {facts['test']:,} test images, "
-            f"{facts['classes']} classes, {size}")
+            f"{facts['classes']} classes" + (f", {size}" if with_size else ""))
     if facts["rejected"]:  # in split.csv but left out of training: they do not decode
         line += f" ({facts['rejected']:,} files left out, see rejected.csv)"
     return line

@@ -28,7 +28,7 @@ OK = ("completed", "early_stopped")
 # column: (header, format, better) — better is max/min for highlighting, None for none
 COLUMNS = {
     "name": ("run", "{}", None), "model": ("model", "{}", None), "phase": ("phase", "{}", None),
-    "lr": ("lr", "{:g}", None), "epochs": ("epochs", "{}", None),
+    "image_size": ("px", "{}", None), "lr": ("lr", "{:g}", None), "epochs": ("epochs", "{}", None),
     "val_accuracy": ("val acc", "{:.2%}", max), "accuracy": ("test acc", "{:.2%}", max), "precision_macro": ("P macro", "{:.4f}", max),
     "recall_macro": ("R macro", "{:.4f}", max), "f1_macro": ("F1 macro", "{:.4f}", max),
     "precision_weighted": ("P weighted", "{:.4f}", max), "recall_weighted": ("R weighted", "{:.4f}", max),
@@ -62,7 +62,8 @@ def load_run(folder: Path, name: str = "", group: str = "") -> dict:
     best = s.get("best_epoch") or 0
     row["val_accuracy"] = float(history[best - 1]["val_accuracy"]) if 0 < best <= len(history) else None
     facts = data_facts(folder, s)
-    row["data"], row["split_sha256"] = data_line(facts), facts["split_sha256"]
+    row["data"], row["split_sha256"] = data_line(facts, with_size=False), facts["split_sha256"]
+    row["image_size"] = facts["image_size"]
     for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
               "f1_weighted"):
         row[k] = test.get(k)
@@ -246,7 +247,9 @@ def data_notes(rows: list[dict]) -> tuple[list[str], bool]:
                 "their numbers are not directly comparable."], True
     if not lines:
         return [], False
-    out = [f"Data: {lines[0]}"]
+    sizes = {r.get("image_size") for r in rows}
+    out = [f"Data: {lines[0]}" + (f", {sizes.pop()} px" if len(sizes) == 1 and None not in sizes else
+                                  " (decoded at the sizes in the px column)")]
     if len({r["split_sha256"] for r in rows}) > 1:  # same counts, other images: the test sets differ
         out.append("⚠ The runs split the data differently (their split.csv files differ), so each was "
                    "tested on other images.")
