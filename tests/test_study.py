@@ -282,3 +282,19 @@ def test_runs_on_the_same_images_at_other_sizes_used_the_same_data(study, tmp_pa
     sizes = {line.strip("|").split("|")[px].strip() for line in md.splitlines()
              if line.startswith("| ") and not line.startswith("| run |")}
     assert {"32", "224"} <= sizes
+
+
+def test_the_best_run_is_chosen_on_validation_not_on_test():
+    from cnnlab.report.compare import written_comparison
+
+    def row(name, lr, val, test, data="cifar10, 900 train / 100 val / 1,000 test images, 10 classes"):
+        return {"name": name, "model": "cnn_small", "phase": "scratch", "lr": lr, "status": "completed",
+                "val_accuracy": val, "accuracy": test, "f1_macro": test, "train_seconds": 10.0, "params_total": 1000,
+                "latency_ms": 1.0, "group": "cnn", "data": data, "message": ""}
+
+    # b is better on test, a on validation: a is the one to choose
+    text = " ".join(written_comparison([row("a", 0.01, 0.80, 0.60), row("b", 0.1, 0.70, 0.90)]))
+    assert text.startswith("**a**") and "0.01 works best on validation" in text
+    # on different data, each data set gets its own best and no run is compared across them
+    text = written_comparison([row("a", 0.01, 0.80, 0.60), row("c", 0.1, 0.95, 0.95, data="other data")])
+    assert len(text) == 2 and text[0].startswith("On cifar10") and text[1].startswith("On other data")
