@@ -298,3 +298,27 @@ def test_the_best_run_is_chosen_on_validation_not_on_test():
     # on different data, each data set gets its own best and no run is compared across them
     text = written_comparison([row("a", 0.01, 0.80, 0.60), row("c", 0.1, 0.95, 0.95, data="other data")])
     assert len(text) == 2 and text[0].startswith("On cifar10") and text[1].startswith("On other data")
+
+
+def test_a_study_trains_a_run_again_when_its_images_change(tmp_path, capsys):
+    from hostile import jpeg_bytes, noise_rgb, write
+
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        for i in range(15):
+            write(data / c / f"{i}.jpg", jpeg_bytes(noise_rgb((16, 16), seed=100 * (c == "b") + i)))
+    spec = {"name": "grow", "defaults": {"data": {"path": str(data), "image_size": 16, "val_fraction": 0.2,
+                                                  "test_fraction": 0.2},
+                                         "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"}},
+            "runs": [{"name": "small", "model": {"name": "cnn_small"}}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    args = ["study", str(path), "--out", str(tmp_path / "s"), "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "small: already finished" in capsys.readouterr().out  # same files: nothing to do
+    write(data / "a" / "new.jpg", jpeg_bytes(noise_rgb((16, 16), seed=999)))  # one more image
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "small: changed since" in out and "its data" in out
+    assert len(list((tmp_path / "s" / "grow" / "runs").iterdir())) == 2

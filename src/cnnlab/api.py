@@ -658,10 +658,11 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
         head = f"[{i}/{len(st.children)}] {child.name}"
         changed = [k for k in sorted(set(requested) | set(old.get("requested", {})))
                    if "requested" in old and old["requested"].get(k) != requested.get(k) and k not in OPERATIONAL]
-        if run and changed:  # the study file changed this run: train it again, keep the old folder
-            log(f"{head}: changed since {run.name} ("
-                + ", ".join(f"{k} {old['requested'].get(k)!r} -> {requested.get(k)!r}" for k in changed[:4])
-                + "); training it again, the old run is kept as superseded")
+        why = ", ".join(f"{k} {old['requested'].get(k)!r} -> {requested.get(k)!r}" for k in changed[:4])
+        if run and not changed and is_finished(run) and _images_changed(child.config, run):
+            why = "its data: the images it would split now differ from those in its split.csv"
+        if run and why:  # the study file or the data changed this run: train it again, keep the old folder
+            log(f"{head}: changed since {run.name} ({why}); training it again, the old run is kept as superseded")
             entry["superseded"] = [*entry["superseded"], str(run)]
             run = None
         if run and is_finished(run):
@@ -684,6 +685,12 @@ def study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), p
         save_json(folder / "study.json", state)
     report(folder, log=log)
     return folder
+
+
+def _images_changed(cfg: Config, run: Path) -> bool:
+    """Whether the split `cfg` makes now differs from the one `run` trained on (images added, removed, edited)."""
+    _, split = _data_and_split(cfg, _quiet)
+    return manifest_hash(split) != (load_json(run / "summary.json").get("data") or {}).get("split_sha256")
 
 
 def _check_model(cfg: Config) -> None:
