@@ -28,7 +28,7 @@ from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write
 from cnnlab.data.decode import DecodeError
 from cnnlab.data.loaders import FileSource, Loader, first_images, make_loaders
 from cnnlab.data.sources import default_data, require_trainable, resolve_data, scan_folder
-from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, save_split
+from cnnlab.data.splits import Row, Split, load_split, make_split, manifest_hash, require_val_and_test, save_split
 from cnnlab.evaluate.evaluation import write_evaluation
 from cnnlab.evaluate.plots import plot_curves
 from cnnlab.evaluate.predict import Predictor, inference_speed, predict_loader
@@ -271,10 +271,7 @@ def _data_and_split(cfg: Config, log, split_csv: Path | None = None) -> tuple[Pa
                            seed=cfg.data.split_seed, limit_per_class=cfg.data.limit_per_class)
     if split.dropped:
         log(f"leakage: left out {len(split.dropped)} training files whose bytes also appear in val/test")
-    for part, key in (("val", "data.val_fraction"), ("test", "data.test_fraction")):  # before any folder exists
-        if not split.of(part):
-            raise UserError(f"the split has no {'validation' if part == 'val' else 'test'} images; use more data "
-                            f"or a larger {key}")
+    require_val_and_test(split)  # before any run folder exists
     return root, split
 
 

@@ -26,7 +26,7 @@ from cnnlab.core.workers import process_map
 from cnnlab.data.augment import augment_batch, to_model_input
 from cnnlab.data.decode import DecodeError, load_array
 from cnnlab.data.sources import cache_dir
-from cnnlab.data.splits import Row, Split
+from cnnlab.data.splits import Row, Split, require_val_and_test
 
 CACHE_VERSION = "1"  # bump when decoding or resizing changes, so old caches are not reused
 
@@ -241,10 +241,7 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
     kind = loader if loader != "auto" else ("memory" if need_mb <= memory_cap_mb else "stream")
     if kind == "memory" and need_mb > memory_cap_mb and loader == "memory":
         log(f"warning: {need_mb:,.0f} MB of decoded images is over data.memory_cap_mb={memory_cap_mb}")
-    if not split.of("val"):
-        raise UserError("the split has no validation images; use more data or a larger data.val_fraction")
-    if not split.of("test"):
-        raise UserError("the split has no test images; use more data or a larger data.test_fraction")
+    require_val_and_test(split)
     rejected, parts = [], {}  # split -> (source, labels, paths)
     if kind == "memory":
         rows = list(split.rows)

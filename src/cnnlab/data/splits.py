@@ -133,6 +133,14 @@ def _limit(items: list, n: int, rng: random.Random) -> list:
     return [r for r in items if r.path in keep]
 
 
+def require_val_and_test(split: Split) -> Split:
+    """Refuse a split that leaves validation or test empty: nothing could pick the best epoch, or report."""
+    for part, name, key in (("val", "validation", "data.val_fraction"), ("test", "test", "data.test_fraction")):
+        if not split.of(part):
+            raise UserError(f"the split has no {name} images; use more data or a larger {key}")
+    return split
+
+
 def save_split(split: Split, path: Path) -> Path:
     return write_csv(path, COLUMNS, ([r.path, r.label, r.split, r.sha256] for r in split.rows))
 
