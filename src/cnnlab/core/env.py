@@ -7,12 +7,19 @@ import platform
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import cnnlab
 from cnnlab.core.errors import UserError
+
+
+def cache_dir() -> Path:
+    """Where cnnlab keeps what it can rebuild (decoded tensors, features, extracted archives, weights):
+    $CNNLAB_CACHE, else ~/.cache/cnnlab."""
+    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab")
 
 
 def offline() -> bool:

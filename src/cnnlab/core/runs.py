@@ -110,21 +110,98 @@ def read_csv(path: str | Path) -> list[dict]:
 ENDED = ("completed", "early_stopped", "failed_to_learn", "diverged")  # statuses of a run whose training is over
 
 
-def is_finished(run_dir: Path) -> bool:
-    """A run whose training ended; not one stopped by a signal or by an error, which --resume continues."""
-    summary = Path(run_dir) / "summary.json"
-    return summary.is_file() and load_json(summary).get("status") in ENDED
+class _File:
+    """One file of a run folder: its name on the class (`RunFolder.summary`), its path on an instance."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, run, owner=None):
+        return self.name if run is None else run.dir / self.name
 
 
-def find_run(path: str | Path) -> Path:
-    """Check that `path` is a finished run folder (it has model.json) and return it."""
-    p = Path(path)
+class RunFolder:
+    """A run folder and every file it can hold, each named here once.
+
+    Written in about this order by train/run.py; an evaluation folder (`evaluations/<time>-evaluation/`)
+    holds the evaluation's four files under the same names.
+    """
+
+    config = _File("config.yaml")  # the resolved config: what was used, not "auto"
+    split = _File("split.csv")  # every image's path, class, split and sha256
+    env = _File("env.json")
+    model_summary = _File("model_summary.txt")
+    log = _File("log.txt")
+    class_distribution = _File("class_distribution.png")
+    rejected = _File("rejected.csv")  # files left out because they do not decode
+    checkpoint = _File("checkpoint.safetensors")  # the whole training state, for --resume
+    history = _File("history.csv")
+    phases = _File("phases.json")  # the finished phases of a pretrained run
+    weights = _File("model.safetensors")  # the best weights so far: written only by train/run.py
+    model = _File("model.json")  # how to rebuild and feed the weights
+    curves = _File("curves.png")
+    predictions = _File("predictions.csv")
+    metrics = _File("metrics.json")  # an evaluation folder's metrics (a run keeps them in summary.json)
+    confusion = _File("confusion_matrix.png")
+    misclassified = _File("misclassified.png")
+    summary = _File("summary.json")  # written last but the report: a run with one has ended or failed
+    report = _File("report.html")
+    lr_find = _File("lr_find.json")  # an lr-find folder instead of a training run
+    lr_find_plot = _File("lr_find.png")
+    evaluations = _File("evaluations")
+    bundle = _File("bundle")
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.dir)!r})"
+
+    def read_summary(self) -> dict:
+        return load_json(self.summary) if self.summary.is_file() else {}
+
+    def status(self) -> str:
+        """'' before summary.json; then completed | early_stopped | failed_to_learn | diverged | interrupted | failed."""
+        return self.read_summary().get("status", "")
+
+    def finished(self) -> bool:
+        """The one meaning of finished: training ended (not stopped by a signal or an error, which --resume
+        continues)."""
+        return self.status() in ENDED
+
+    def has_model(self) -> bool:
+        return self.model.is_file() and self.weights.is_file()
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    return RunFolder(run_dir).finished()
+
+
+def load_run(path: str | Path, need_model: bool = True) -> RunFolder:
+    """The finished run folder at `path` (with its trained model, unless `need_model` is False), or a
+    UserError saying what it is instead and what to do. Every command that reads a run comes here."""
+    run = RunFolder(path)
+    p = run.dir
     if not p.is_dir():
         raise UserError(f"run folder {p} not found; pass the folder printed as 'run: ...' by cnnlab train")
-    if not (p / "model.json").is_file() or not (p / "model.safetensors").is_file():
-        raise UserError(f"{p} is not a finished run folder (no model.json / model.safetensors); pass the folder "
-                        "printed as 'run: ...' by cnnlab train")
-    if (p / "summary.json").is_file() and load_json(p / "summary.json").get("status") == "failed":
-        raise UserError(f"{p} failed ({load_json(p / 'summary.json').get('message', '')}); see its log.txt, then "
+    if run.lr_find.is_file():
+        raise UserError(f"{p} is an lr-find folder, not a training run; pass the folder printed as 'run: ...' by "
+                        "cnnlab train")
+    if not run.config.is_file():
+        raise UserError(f"{p} is not a run folder (no {RunFolder.config}); pass the folder printed as 'run: ...' by "
+                        "cnnlab train")
+    status = run.status()
+    if status == "failed":
+        raise UserError(f"{p} failed ({run.read_summary().get('message', '')}); see its {RunFolder.log}, then "
                         f"continue it with `cnnlab train --resume {p}`")
-    return p
+    if status not in ENDED:
+        why = "was interrupted" if status == "interrupted" else f"has not finished (no {RunFolder.summary})"
+        raise UserError(f"{p} {why}; finish it with `cnnlab train --resume {p}`")
+    if need_model and not run.has_model():
+        raise UserError(f"{p} has no trained model ({status}: no epoch finished with finite weights); "
+                        "train it again, with a lower learning rate if it diverged")
+    return run
+
+
+def find_run(path: str | Path) -> Path:  # TEMPORARY during the refactor: callers move to load_run
+    return load_run(path).dir

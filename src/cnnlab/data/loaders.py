@@ -25,7 +25,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.core.workers import process_map
 from cnnlab.data.augment import augment_batch, to_model_input
 from cnnlab.data.decode import DecodeError, load_array
-from cnnlab.data.sources import cache_dir
+from cnnlab.core.env import cache_dir
 from cnnlab.data.splits import Row, Split, require_val_and_test
 
 CACHE_VERSION = "1"  # bump when decoding or resizing changes, so old caches are not reused

@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnlab.core.env import offline
+from cnnlab.core.env import cache_dir, offline
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import file_digest
 from cnnlab.data.archives import (
@@ -48,10 +48,6 @@ class Scan:
     ignored: tuple[str, ...] = ()
     empty_classes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab")
 
 
 def _hidden(name: str) -> bool:

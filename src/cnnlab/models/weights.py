@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from cnnlab.core.env import offline
 from cnnlab.core.errors import UserError, WeightsNotFound
 from cnnlab.core.runs import sha256_file
-from cnnlab.data.sources import cache_dir
+from cnnlab.core.env import cache_dir
 from cnnlab.models.pretrained import ALIASES, TransferNet, is_transfer_name, resolve
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cnnlab.data.loaders import Loader, Loaders, MemorySource
-from cnnlab.data.sources import cache_dir
+from cnnlab.core.env import cache_dir
 from cnnlab.models.checkpoint import to_onnx
 
 AGREE_ATOL = 1e-3  # |ORT - PyTorch| allowed, relative to the features' scale
