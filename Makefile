@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cnnlab study configs/demo.yaml
 
+# lint-imports first: the layers and the no-cycles contracts of [tool.importlinter] in pyproject.toml
 test: $(STAMP) browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # Debian's Chromium and ChromeDriver for the page test in tests/test_serve.py: skipped without them,

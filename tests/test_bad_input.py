@@ -272,14 +272,14 @@ def test_no_traceback_reaches_a_terminal(name, tmp_path, run, cifar_root):
 def test_export_check_that_fails_says_so_in_one_line(run, tmp_path, monkeypatch, capsys):
     """`export --check` passes on a faithful bundle; when the bundle's probabilities differ from
     evaluation's it exits non-zero with one `cnnlab: error:` line and writes nothing but the bundle."""
-    from cnnlab.serve.engine import Engine
+    from cnnlab.evaluate.predict import Predictor
 
     monkeypatch.chdir(tmp_path)
     code, out, err, crashed = cli(["export", str(run), "--out", str(tmp_path / "good"), "--check"], capsys)
     assert (code, err, crashed) == (0, "", False), out + err
     before, run_before = listing(tmp_path), listing(run)
-    real = Engine.predict_files
-    monkeypatch.setattr(Engine, "predict_files", lambda self, paths: real(self, paths) * 0.5)
+    real = Predictor.predict_proba
+    monkeypatch.setattr(Predictor, "predict_proba", lambda self, images: real(self, images) * 0.5)
     bundle = tmp_path / "bad"
     code, out, err, crashed = cli(["export", str(run), "--out", str(bundle), "--check"], capsys)
     assert code not in (0, None) and not crashed, out + err

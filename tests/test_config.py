@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from cnnlab.core.config import Config, dump_config, load_config
+from cnnlab.core.config import Config, dump_config, load_config, parse_key, set_dotted
 from cnnlab.core.errors import UserError
 
 
@@ -30,6 +30,8 @@ def test_defaults_and_overrides(tmp_path):
     (["train.lr=-1"], "train.lr must be above 0"),
     (["data.augment=[rotate]"], "choose from crop"),
     (["nosection"], "section.key=value"),
+    (["train..lr=1"], "'train..lr' is not a key"),
+    (["=1"], "is not a key"),
     (["data.val_fraction=0.9"], "must be below 1"),
 ])
 def test_bad_values_are_named(sets, message):
@@ -56,3 +58,18 @@ def test_an_invalid_value_is_shown_with_what_to_do(setting, shown):
     with pytest.raises(UserError) as e:
         load_config(None, None, [setting])
     assert shown in str(e.value) and f"--set {setting.split('=')[0]}=VALUE" in str(e.value)
+
+
+def test_one_reader_of_dotted_keys():
+    assert parse_key("train.lr") == ("train", "lr") and parse_key("out") == ("out",)
+    for bad in ("", "train.", ".lr", "train..lr"):
+        with pytest.raises(UserError, match="is not a key"):
+            parse_key(bad)
+    tree = {"data": None, "train": {"epochs": 3}}  # an empty section in YAML reads as None
+    set_dotted(tree, "data.path", "x")
+    set_dotted(tree, "train.lr", 0.1)
+    set_dotted(tree, "tag", "t")
+    assert tree == {"data": {"path": "x"}, "train": {"epochs": 3, "lr": 0.1}, "tag": "t"}
+    with pytest.raises(UserError, match="tag is a value"):
+        set_dotted(tree, "tag.x", 1)
+    assert load_config(None, None, ["data.path=x", "out=elsewhere"]).out == "elsewhere"

@@ -22,7 +22,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.data.archives import extract_archive
 from cnnlab.data.audit import audit, format_report
 from cnnlab.data.augment import random_crop, random_flip
-from cnnlab.data.loaders import cached_arrays
+from cnnlab.data.loaders import cached_arrays, make_loaders
 from cnnlab.data.sources import resolve_data, scan_folder
 from cnnlab.data.splits import load_split, make_split, save_split
 
@@ -257,6 +257,27 @@ def test_tensor_cache_is_reused_and_keeps_order(tmp_path):
     for r, img in zip(rows, x1):
         if not r.path.endswith("broken.png"):
             assert img[0, 0, 0] == int(r.path[-5]) * 30
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streaming_records_the_files_it_drops(tmp_path, workers):
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (10, 10), (i * 30, 0, 0 if c == "a" else 200)).save(tmp_path / "d" / c / f"{i}.png")
+    split = make_split(scan_folder(tmp_path / "d"), val_fraction=0.25, test_fraction=0.25)
+    # break one file of every split after the split was made: only the streaming decode can find them
+    broken = sorted({r.split: r.path for r in split.rows}.values())
+    for path in broken:
+        write(tmp_path / "d" / path, b"garbage")
+    loaders = make_loaders(tmp_path / "d", split, 8, 4, 4, loader="stream", workers=workers,
+                           mean_std=((0.5,) * 3, (0.25,) * 3), log=lambda m: None)
+    assert loaders.kind == "stream" and loaders.dropped() == []
+    seen = {s: sum(len(idx) for _, _, idx in getattr(loaders, s)) for s in ("train", "val", "test")}
+    assert sum(seen.values()) == len(split.rows) - len(broken)
+    list(loaders.train)  # a second epoch drops the same file again: listed once
+    dropped = loaders.dropped()
+    assert sorted(p for p, _ in dropped) == broken and all(reason for _, reason in dropped)
 
 
 def test_batched_crop_and_flip_are_exact():

@@ -6,10 +6,13 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+import yaml
 from hostile import jpeg_bytes, noise_rgb, write
 
 from cnnlab.cli import main
-from cnnlab.data.sources import default_data
+from cnnlab.core.errors import UserError
+from cnnlab.data.sources import default_data, resolve_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,9 +66,34 @@ def test_data_fallback_chain_says_which_data_it_used(tmp_path, capsys, monkeypat
     assert f"data: $CNNLAB_DATA ({mine})" in capsys.readouterr().out
     (run,) = list((tmp_path / "runs").iterdir())
     assert json.loads((run / "summary.json").read_text())["data"]["root"] == str(mine)
-    monkeypatch.delenv("CNNLAB_DATA")  # nothing anywhere, offline: the bundled digits, saying so
-    path, line = default_data()
-    assert "scikit-learn's bundled digits" in line
+    monkeypatch.delenv("CNNLAB_DATA")  # nothing anywhere, offline: `cnnlab train` stops, saying where it looked
+    with pytest.raises(UserError, match="no data given, and none found") as e:
+        default_data()
+    for place in (str(tmp_path.parent / "shared" / "data" / "cifar10"), "$CNNLAB_DATA", "CNNLAB_OFFLINE",
+                  "--data FOLDER", "data.path auto"):
+        assert place in str(e.value)
+    assert main(["train", "--model", "cnn_small", "--epochs", "1", "--out", str(tmp_path / "runs2"),
+                 "--no-progress"]) == 2
+    assert "no data given, and none found" in capsys.readouterr().err and not (tmp_path / "runs2").exists()
+    path, line = default_data(digits=True)  # the main job's explicit opt-in (data.path auto): the digits, saying so
+    assert "data: auto: no CIFAR-10" in line and "scikit-learn's bundled digits" in line
     assert sorted(p.name for p in Path(path).iterdir()) == [str(d) for d in range(10)]
     assert sum(1 for _ in Path(path).rglob("*.png")) == 1797
+    assert resolve_data("auto") == (Path(path), line)
+
+
+def test_the_main_job_runs_on_the_digits_without_cifar10(tmp_path, capsys, monkeypatch):
+    """configs/demo.yaml's data (data.path auto) on a machine without ../shared, cut to one tiny run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CNNLAB_DATA", raising=False)
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert demo["defaults"]["data"]["path"] == "auto"
+    study = tmp_path / "tiny.yaml"
+    study.write_text(yaml.safe_dump({"name": "tiny", "defaults": demo["defaults"],
+                                     "runs": [{"name": "small", "model": {"name": "cnn_small"}}]}))
+    assert main(["study", str(study), "--out", str(tmp_path / "studies"), "--no-progress", "--set",
+                 "data.limit_per_class=10", "--set", "train.epochs=1", "--set", "data.image_size=8", "--set",
+                 "train.precision=fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "data: auto: no CIFAR-10" in out and "scikit-learn's bundled digits" in out
 

@@ -7,7 +7,7 @@ import torch
 
 from cnnlab.cli import main
 from cnnlab.core.errors import UserError
-from cnnlab.models import create_model, get_entry, list_models
+from cnnlab.models import create_model, get_entry, list_families, list_models, register_prefix
 from cnnlab.models.pretrained import is_transfer_name
 from cnnlab.models.summary import summarize
 
@@ -74,8 +74,21 @@ def test_bad_layer_lists_are_named_before_training(layers, message):
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(UserError, match="report000_cnn"):
+    with pytest.raises(UserError, match="report000_cnn") as e:
         create_model("resnet9000", 10)
+    assert "timm:NAME" in str(e.value) and "tv:NAME" in str(e.value)  # and the families of names
+    with pytest.raises(UserError, match="unknown model 'nosuch:x'.*timm:NAME"):
+        get_entry("nosuch:x")
+
+
+def test_prefix_families_resolve_through_the_registry():
+    assert [n for n, _ in list_families()] == ["timm:NAME", "tv:NAME"]
+    entry = get_entry("tv:resnet18")  # resolved on first use by pretrained.dynamic_entry, registered by prefix
+    assert (entry.name, entry.default_size) == ("tv:resnet18", 224)
+    with pytest.raises(UserError, match="timm has no model 'nosuch'"):
+        get_entry("timm:nosuch")
+    with pytest.raises(ValueError, match="twice"):
+        register_prefix("timm", lambda name: None, "again")
 
 
 def test_image_too_small_for_preset():

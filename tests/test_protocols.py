@@ -34,7 +34,7 @@ def phase(name: str, *segments: tuple[int, int, float], unfreeze=None) -> tuple:
 
 
 def _image_size(cfg) -> int:
-    """The side the run decodes its images at (api._model_setup: pretrained -> input_size, else the net's)."""
+    """The side the run decodes its images at (train/setup.build_model: pretrained -> input_size, else the net's)."""
     if cfg.model.pretrained:
         return cfg.data.image_size or cfg.model.input_size
     return cfg.data.image_size or get_entry(cfg.model.name).default_size

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnlab.train.checkpoints import CHECKPOINT, load_checkpoint
+from cnnlab.core.runs import RunFolder
+from cnnlab.train.checkpoints import load_checkpoint
 
 ARGS = ["--model", "cnn_small", "--epochs", "3", "--batch-size", "16", "--lr", "2e-3", "--seed", "5",
         "--deterministic", "--precision", "fp32", "--no-progress", "--set", "data.limit_per_class=40", "--set", "data.val_fraction=0.3",
@@ -58,7 +59,7 @@ def reference(cifar_root, tmp_path_factory):
 
 def checkpoint_position(run: Path) -> tuple[int, int]:
     """(epoch, step) of the run's newest checkpoint, (0, 0) before the first."""
-    if not (run / CHECKPOINT).is_file():
+    if not (run / RunFolder.checkpoint).is_file():
         return 0, 0
     p = load_checkpoint(run)[1]["progress"]
     return p["epoch"], p["step"]

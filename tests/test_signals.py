@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cnnlab.api
 import cnnlab.train.loop
+import cnnlab.train.run
+import cnnlab.train.setup
 from cnnlab.cli import main
 
 ARGS = ["--model", "cnn_small", "--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--seed", "5",
@@ -53,12 +54,12 @@ def _signal_first(module, name: str, monkeypatch, sig=signal.SIGTERM, nth: int =
 
 
 STAGES = {  # stage: (module, function the signal comes in, which call)
-    "scanning the data": (cnnlab.api, "scan_folder", 1),
-    "before the first epoch": (cnnlab.api, "make_loaders", 1),
+    "scanning the data": (cnnlab.train.setup, "scan_folder", 1),
+    "before the first epoch": (cnnlab.train.run, "make_loaders", 1),
     "mid-epoch": (cnnlab.train.loop, "save_checkpoint", 1),  # the first mid-epoch checkpoint (step 4)
     "between epochs": (cnnlab.train.loop, "validate", 1),
-    "final evaluation": (cnnlab.api, "predict_loader", 1),
-    "report writing": (cnnlab.api, "write_run_report", 1),
+    "final evaluation": (cnnlab.train.run, "predict_loader", 1),
+    "report writing": (cnnlab.train.run, "write_run_report", 1),
 }
 
 

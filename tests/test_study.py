@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from cnnlab.cli import main
 from cnnlab.core.config import load_config
-from cnnlab.report.compare import load_run
+from cnnlab.report.compare import run_row
 from cnnlab.train.lr_find import suggest_lr
 
 
@@ -171,7 +171,7 @@ def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
 def test_load_run_reads_only_files(study):
     folder, _ = study
     run = next(p for p in (folder / "runs").iterdir())
-    row = load_run(run, "x", "g")
+    row = run_row(run, "x", "g")
     # the weights' size from their tensors: 4 bytes per float32 number, plus the file's small header
     n_bytes = sum(t.size * t.itemsize for t in load_file(str(run / "model.safetensors")).values())
     assert n_bytes / 2**20 <= row["size_mb"] <= n_bytes / 2**20 + 0.05

@@ -224,7 +224,7 @@ def test_report_states_the_data_path_and_split_counts(run, cifar_root):
 
 
 def test_a_run_that_fails_after_its_folder_exists_says_so(run, tmp_path, capsys, monkeypatch):
-    import cnnlab.api
+    import cnnlab.train.run
 
     for c in ("a", "b"):
         for i in range(6):
@@ -238,7 +238,7 @@ def test_a_run_that_fails_after_its_folder_exists_says_so(run, tmp_path, capsys,
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cnnlab.api, "make_loaders", full_disk)  # a failure once the folder exists
+    monkeypatch.setattr(cnnlab.train.run, "make_loaders", full_disk)  # a failure once the folder exists
     with pytest.raises(OSError):
         main(["train", *args, "--set", "data.val_fraction=0.3"])
     (failed,) = list((tmp_path / "runs").iterdir())
@@ -290,3 +290,24 @@ def test_evaluate_on_other_data_leaves_out_what_the_run_saw(run, cifar_root, tmp
     assert main(["evaluate", str(run), "--data", str(tmp_path / "d"), "--include-seen"]) == 0
     folder = Path(capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1])
     assert json.loads((folder / "metrics.json").read_text())["n"] == 12
+
+
+def test_streaming_records_the_files_it_could_not_decode(tmp_path, capsys):
+    """A file that only fails when a streaming batch reaches it (here a test image, which no probe
+    reads up front) is named in the run's log.txt, rejected.csv and summary.json, not dropped silently."""
+    for split, n in (("train", 8), ("test", 3)):
+        for c in ("a", "b"):
+            for i in range(n):
+                write(tmp_path / "d" / split / c / f"{i}.png", _png(100 * (c == "b") + i + 10 * (split == "test")))
+    write(tmp_path / "d" / "test" / "a" / "broken.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    args = ["train", "--data", str(tmp_path / "d"), "--model", "cnn_small", "--epochs", "1", "--image-size", "16",
+            "--precision", "fp32", "--out", str(tmp_path / "runs"), "--no-progress", "--set", "data.loader=stream",
+            "--set", "data.workers=0"]
+    assert main(args) == 0, capsys.readouterr().err
+    (run,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["rejected"] == 1
+    with open(run / "rejected.csv", newline="") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [str(Path("test") / "a" / "broken.png")]
+    assert "left out 1 files that do not decode" in (run / "log.txt").read_text()
+    assert summary["test"]["n"] == 2 * 3  # evaluated on the images that decode

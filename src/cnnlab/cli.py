@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 import cnnlab
 
@@ -111,52 +110,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_overrides(a) -> dict:
-    flat = {("data", "path"): a.data, ("model", "name"): a.model, ("train", "epochs"): a.epochs,
-            ("train", "lr"): a.lr, ("train", "batch_size"): a.batch_size, ("train", "optimizer"): a.optimizer,
-            ("data", "image_size"): a.image_size, ("train", "seed"): a.seed,
-            ("train", "deterministic"): a.deterministic, ("train", "precision"): a.precision,
-            ("data", "split_file"): a.split, ("out",): a.out, ("tag",): a.tag,
-            ("model", "pretrained"): a.pretrained, ("model", "weights"): a.weights, ("model", "init"): a.init,
-            ("model", "input_size"): a.input_size, ("model", "head"): a.head, ("train", "freeze"): a.freeze,
-            ("train", "unfreeze"): a.unfreeze, ("train", "finetune_lr"): a.finetune_lr,
-            ("train", "finetune_epochs"): a.finetune_epochs}
+    """The config keys the train flags set (unset flags are left to the config file and defaults)."""
+    from cnnlab import api
+
+    flags = {"data.path": a.data, "model.name": a.model, "train.epochs": a.epochs, "train.lr": a.lr,
+             "train.batch_size": a.batch_size, "train.optimizer": a.optimizer, "data.image_size": a.image_size,
+             "train.seed": a.seed, "train.deterministic": a.deterministic, "train.precision": a.precision,
+             "data.split_file": a.split, "out": a.out, "tag": a.tag, "model.pretrained": a.pretrained,
+             "model.weights": a.weights, "model.init": a.init, "model.input_size": a.input_size,
+             "model.head": a.head, "train.freeze": a.freeze, "train.unfreeze": a.unfreeze,
+             "train.finetune_lr": a.finetune_lr, "train.finetune_epochs": a.finetune_epochs}
     out: dict = {}
-    for keys, value in flat.items():
-        if value is None:
-            continue
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
+    for key, value in flags.items():
+        if value is not None:
+            api.set_dotted(out, key, value)
     return out
 
 
 def run(argv: list[str]) -> int:
+    # Over 60 lines on purpose: one short branch per command, a table of what each prints.
     args = build_parser().parse_args(argv)
-    from cnnlab import api
+    from cnnlab import api  # after parsing: `--help` and usage errors answer without importing torch
 
     if args.command == "audit":
         api.audit(args.data, args.out, workers=args.workers)
     elif args.command == "train":
-        from cnnlab.core.config import load_config
-
-        config = args.config
-        if args.resume:
-            if config:
-                raise UserError("give either a config file or --resume RUN (which uses the run's own config)")
-            config = str(Path(args.resume) / "config.yaml")
-            if not Path(config).is_file():
-                raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml)")
-        cfg = load_config(config, _train_overrides(args), args.set)
+        cfg = api.train_config(args.config, _train_overrides(args), args.set, args.resume)
         folder = api.train(cfg, progress=not args.no_progress, resume=args.resume)
         if api.is_main_process():  # under torchrun, one process speaks for the run
-            print(f"report: {folder / 'report.html'}")
+            print(f"report: {api.RunFolder(folder).report}")
             print(f"run: {folder}")
     elif args.command == "lr-find":
-        from cnnlab.core.config import load_config
-
-        folder = api.lr_find(load_config(args.config, _train_overrides(args), args.set))
-        print(f"plot: {folder / 'lr_find.png'}")
+        folder = api.lr_find(api.load_config(args.config, _train_overrides(args), args.set))
+        print(f"plot: {api.RunFolder(folder).lr_find_plot}")
         print(f"folder: {folder}")
     elif args.command == "study":
         folder = api.study(args.study, args.out, args.set, progress=not args.no_progress)
@@ -177,47 +163,22 @@ def run(argv: list[str]) -> int:
                   file=sys.stderr)
             return 2
     elif args.command == "models":
-        from cnnlab.models import get_entry, list_models
-
-        names = list_models()
-        width = max(map(len, names))
-        for name in names:
-            e = get_entry(name)
-            print(f"{name:<{width}}  {e.default_size:>4}px  {e.description}")
+        rows = api.models()
+        width = max(len(name) for name, _, _ in rows)
+        for name, size, description in rows:
+            print(f"{name:<{width}}  {size:>4}px  {description}" if size else f"{name:<{width}}  {description}")
     elif args.command == "export":
-        from cnnlab.core.runs import find_run
-        from cnnlab.serve import bundle
-
-        folder = bundle.export(args.run, args.out)
-        if args.check:
-            err = bundle.check(folder, find_run(args.run))
-            if err > 1e-5:
-                print(f"cnnlab: error: bundle {folder}: its probabilities differ from evaluation's by {err:.2e} "
-                      "(over 1e-5); do not deploy it: check the onnxruntime and torch versions and export again",
-                      file=sys.stderr)
-                return 1
-        print(f"bundle: {folder}")
+        print(f"bundle: {api.export(args.run, args.out, check=args.check)}")
     elif args.command == "serve":
-        from cnnlab.serve import bundle
-        from cnnlab.serve.app import check_port, serve
-
-        path = Path(args.path)
-        if not (path / "bundle.json").is_file() and not (path / "bundle" / "bundle.json").is_file():
-            if not (path / "model.json").is_file():
-                raise UserError(f"{path} is neither a bundle nor a trained run folder")
-            check_port(args.host, args.port)  # before a slow export: a taken port is said at once
-            bundle.export(path)
-        serve(str(path), args.host, args.port, args.workers, args.threads, args.engine,
-              int(args.max_body_mb * 2**20), args.api_key)
+        api.serve(args.path, args.host, args.port, args.workers, args.threads, args.engine,
+                  int(args.max_body_mb * 2**20), args.api_key)
     elif args.command == "weights":
-        from cnnlab.models import weights
-
         if args.weights_command == "list":
-            for name, where in weights.available():
+            for name, where in api.weights_list():
                 print(f"{name:<20} {where}")
         else:
             for name in args.names:
-                print(f"{name}: {weights.fetch(name)}")
+                print(f"{name}: {api.weights_fetch(name)}")
     elif args.command == "summary":
         print(api.summary(args.model, args.image_size, args.num_classes))
     return 0

@@ -22,7 +22,9 @@ from cnnlab.core.errors import UserError
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""  # image folder, .zip/.tar(.gz) archive, or a dataset name (cifar10, digits)
+    # image folder, .zip/.tar(.gz) archive, or a dataset name (cifar10, digits); "" = CIFAR-10 where cnnlab
+    # finds it, else an error; auto = the same, else the bundled digits (data/sources.py:default_data)
+    path: str = ""
     image_size: int = 0  # square input side in pixels; 0 = the model's default, else the data's
     val_fraction: float = 0.1  # carved from train when the data ships train/ and test/
     test_fraction: float = 0.2  # with val_fraction 0.2 gives 60/20/20 when the data has no split
@@ -175,8 +177,7 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
 def validate(cfg: Config) -> Config:
     """Reject values no run could use, naming the field and the valid choices."""
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = get_dotted(cfg, key)
         if value not in choices:
             raise UserError(f"config: {key} is {value!r}; choose one of {', '.join(choices)}")
     for aug in cfg.data.augment:
@@ -215,18 +216,67 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             key = message.split()[0]
-            section, name = key.split(".")
-            shown = "" if "got" in message or " + " in message else f", got {getattr(getattr(cfg, section), name)!r}"
+            shown = "" if "got" in message or " + " in message else f", got {get_dotted(cfg, key)!r}"
             raise UserError(f"config: {message}{shown}; fix it in the config file or with --set {key}=VALUE")
     return cfg
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=0.05` -> (['train', 'lr'], 0.05); the value is read as YAML."""
+def parse_key(key: str) -> tuple[str, ...]:
+    """The one reader of dotted keys: `train.lr` -> ('train', 'lr'), `out` -> ('out',); UserError for a bad key.
+
+    Only the form is checked here (no empty parts); whether the key exists is checked when the config is built.
+    """
+    parts = tuple(part.strip() for part in str(key).split("."))
+    if not all(parts):
+        raise UserError(f"config key {key!r} is not a key; write it as section.name, e.g. train.lr (or out, tag)")
+    return parts
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """`tree[section][name] = value` for the dotted `key` (parse_key), adding missing or empty sections in place.
+
+    UserError where a part of the key already holds a value instead of a section (`train.lr.x`).
+    """
+    *sections, name = parse_key(key)
+    node = tree
+    for i, part in enumerate(sections):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise UserError(f"config key {key!r}: {'.'.join(sections[:i + 1])} is a value, not a section of keys")
+    node[name] = value
+
+
+def get_dotted(cfg: Any, key: str) -> Any:
+    """The value at a dotted key of a Config (`get_dotted(cfg, "train.lr")`)."""
+    node = cfg
+    for part in parse_key(key):
+        node = getattr(node, part)
+    return node
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.05` -> ('train.lr', 0.05): the key checked by parse_key, the value read as YAML."""
     if "=" not in text:
         raise UserError(f"--set {text!r}: write it as section.key=value, e.g. train.lr=0.01")
     key, _, value = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    try:
+        parse_key(key)
+    except UserError as e:
+        raise UserError(f"--set {text!r}: {e}") from None
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_sets(tree: dict, sets: list[str] | tuple[str, ...]) -> dict:
+    """Apply `--set section.key=value` strings to a raw config tree in place (and return it)."""
+    for text in sets:
+        key, value = parse_override(text)
+        try:
+            set_dotted(tree, key, value)
+        except UserError as e:
+            raise UserError(f"--set {text!r}: {e}") from None
+    return tree
 
 
 def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict:
@@ -258,23 +308,17 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, s
         sets: `section.key=value` strings applied last.
     """
     raw = read_yaml_mapping(path, "config file", "data/model/train sections") if path else {}
-    merged = _merge(raw, overrides or {})
-    for s in sets:
-        keys, value = parse_override(s)
-        node = merged
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {s!r}: {k} is not a section")
-        node[keys[-1]] = value
-    return config_from_dict(merged)
+    return config_from_dict(apply_sets(merge(raw, overrides or {}), sets))
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, section by section, as new dicts (neither argument is changed)."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
+        elif isinstance(v, dict):
+            out[k] = merge({}, v)
         else:
             out[k] = v
     return out
@@ -299,4 +343,4 @@ def config_from_dict(raw: dict) -> Config:
     """Validate a raw config dict; the model's recipe (core/recipes.py) fills what it leaves out."""
     from cnnlab.core.recipes import recipe_for
 
-    return validate(_build(Config, _merge(recipe_for(raw), raw), ""))
+    return validate(_build(Config, merge(recipe_for(raw), raw), ""))

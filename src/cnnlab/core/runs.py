@@ -110,6 +110,9 @@ def read_csv(path: str | Path) -> list[dict]:
 ENDED = ("completed", "early_stopped", "failed_to_learn", "diverged")  # statuses of a run whose training is over
 
 
+STUDY_FILE = "study.json"  # a study folder's record of its children (train/study.py), beside runs/
+
+
 class _File:
     """One file of a run folder: its name on the class (`RunFolder.summary`), its path on an instance."""
 
@@ -146,6 +149,7 @@ class RunFolder:
     misclassified = _File("misclassified.png")
     summary = _File("summary.json")  # written last but the report: a run with one has ended or failed
     report = _File("report.html")
+    report_md = _File("report.md")
     lr_find = _File("lr_find.json")  # an lr-find folder instead of a training run
     lr_find_plot = _File("lr_find.png")
     evaluations = _File("evaluations")
@@ -173,10 +177,6 @@ class RunFolder:
         return self.model.is_file() and self.weights.is_file()
 
 
-def is_finished(run_dir: str | Path) -> bool:
-    return RunFolder(run_dir).finished()
-
-
 def load_run(path: str | Path, need_model: bool = True) -> RunFolder:
     """The finished run folder at `path` (with its trained model, unless `need_model` is False), or a
     UserError saying what it is instead and what to do. Every command that reads a run comes here."""
@@ -202,6 +202,3 @@ def load_run(path: str | Path, need_model: bool = True) -> RunFolder:
                         "train it again, with a lower learning rate if it diverged")
     return run
 
-
-def find_run(path: str | Path) -> Path:  # TEMPORARY during the refactor: callers move to load_run
-    return load_run(path).dir

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnlab.core.config import Config, _merge, config_from_dict, parse_override, read_yaml_mapping
+from cnnlab.core.config import Config, apply_sets, config_from_dict, merge, read_yaml_mapping
 from cnnlab.core.errors import UserError
 
 ENTRY_KEYS = {"name", "lrs", "data", "model", "train"}
@@ -84,13 +84,7 @@ def load_study(path: str | Path, sets: list[str] = ()) -> Study:
     if not isinstance(defaults, dict):
         raise UserError(f"study file {p}: defaults must be a mapping of sections (data, model, train), "
                         f"got {defaults!r}")
-    forced: dict = {}  # --set values win over the defaults and every entry
-    for s in sets:
-        keys, value = parse_override(s)
-        node = forced
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
+    forced = apply_sets({}, sets)  # --set values win over the defaults and every entry
     children, seen = [], set()
     for i, entry in enumerate(raw["runs"]):
         if not isinstance(entry, dict):
@@ -105,9 +99,9 @@ def load_study(path: str | Path, sets: list[str] = ()) -> Study:
                 raise UserError(f"study file {p}: run {i + 1}: {k} must be a mapping of keys "
                                 f"(e.g. {k}: {{...}}), got {entry[k]!r}")
         group = str(entry.get("name") or (entry.get("model") or {}).get("name") or f"run{i + 1}")
-        base = _merge(defaults, {k: entry[k] for k in ("data", "model", "train") if k in entry})
+        base = merge(defaults, {k: entry[k] for k in ("data", "model", "train") if k in entry})
         for lr in _lrs(entry, f"study file {p}, run {group}"):
-            cfg_raw = _merge(_merge(base, {"train": {"lr": lr}}) if lr is not None else base, forced)
+            cfg_raw = merge(merge(base, {"train": {"lr": lr}}) if lr is not None else base, forced)
             name = f"{group}-lr{_lr_label(lr)}" if lr is not None else group
             if name in seen:
                 raise UserError(f"study file {p}: two runs are named {name}; give each entry its own name")

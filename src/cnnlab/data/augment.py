@@ -8,15 +8,24 @@ the CPU and moved to the batch's device, so a batch on a GPU is augmented there 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
 def to_model_input(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> normalised float32 in channels_last (faster convolutions on CPU)."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    m, s = _scale(tuple(mean), tuple(std), x.device)
     return ((x.float() - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=16)
+def _scale(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std as (1, C, 1, 1) tensors in 0-255 units, built once per model (a server calls per request)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    return m, s
 
 
 def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:

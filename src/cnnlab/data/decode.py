@@ -5,7 +5,9 @@ It decodes fully (not just the header), applies EXIF orientation, and turns ever
 Pillow knows into 8-bit RGB: 16-bit data is scaled (65535 -> 255), never clipped; alpha is
 composited on a white background; palette, CMYK, 1-bit and grey become RGB; animated files give
 their first frame. The content decides the format, never the file name, so a PNG named `.jpg`
-loads. Anything that cannot be decoded raises `DecodeError` with a short reason.
+loads. Anything that cannot be decoded raises `DecodeError` with a short reason: `NotAnImage` for
+bytes that are no image at all (or none), `ImageTooLarge` for a decompression bomb, and plain
+`DecodeError` for an image that is damaged or unusable.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ class DecodeError(Exception):
     """The file is not a usable image; str(error) is the reason shown to the user."""
 
 
+class NotAnImage(DecodeError):
+    """Empty, or bytes no image format recognises (the server's 415)."""
+
+
+class ImageTooLarge(DecodeError):
+    """A decompression bomb: the image claims more pixels than MAX_PIXELS (the server's 413)."""
+
+
 @dataclass(frozen=True)
 class Decoded:
     image: Image.Image  # RGB, EXIF orientation applied
@@ -49,23 +59,25 @@ def decode_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> De
     """Decode `source` (raw bytes or a file path) fully into an RGB image.
 
     Raises:
-        DecodeError: empty, truncated, undecodable, or larger than `max_pixels`.
+        NotAnImage: empty, or not an image format Pillow recognises.
+        ImageTooLarge: larger than `max_pixels` (a decompression bomb).
+        DecodeError: truncated, zero-sized, undecodable, or an unsupported colour mode.
     """
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
     if not data:
-        raise DecodeError("empty file (0 bytes)")
+        raise NotAnImage("empty file (0 bytes)")
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we reject instead.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise DecodeError("decompression bomb: claimed size is too large") from None
+            raise ImageTooLarge("decompression bomb: claimed size is too large") from None
         except Exception as e:  # Pillow raises many types for garbage input
-            raise DecodeError(f"not a recognised image ({type(e).__name__})") from None
+            raise NotAnImage(f"not a recognised image ({type(e).__name__})") from None
         width, height = img.size
         if width * height > max_pixels:
-            raise DecodeError(f"decompression bomb: {width}x{height} pixels is over the {max_pixels:,} limit")
+            raise ImageTooLarge(f"decompression bomb: {width}x{height} pixels is over the {max_pixels:,} limit")
         if width == 0 or height == 0:
             raise DecodeError("image has zero width or height")
         fmt, mode = img.format or "unknown", img.mode

@@ -4,8 +4,9 @@ The memory path decodes every image once into `(N, 3, S, S)` uint8, saved in the
 keyed by the files' content hashes and the size, so a second run loads CIFAR-10 in about a
 second. The streaming path decodes per batch in worker processes, for data larger than
 `data.memory_cap_mb`. Both yield the same batches: normalised float32, channels_last, with
-training augmentation applied batch-wise. Files that fail to decode are left out and reported,
-never a crash mid-epoch.
+training augmentation applied batch-wise. Files that fail to decode are left out, never a crash
+mid-epoch, and recorded with the reason: the memory path when it decodes, the streaming path in
+the main process as batches come back from the workers; `Loaders.dropped()` lists them all.
 """
 
 from __future__ import annotations
@@ -21,14 +22,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnlab.core.env import cache_dir
 from cnnlab.core.errors import UserError
 from cnnlab.core.workers import process_map
 from cnnlab.data.augment import augment_batch, to_model_input
 from cnnlab.data.decode import DecodeError, load_array
-from cnnlab.core.env import cache_dir
 from cnnlab.data.splits import Row, Split, require_val_and_test
 
 CACHE_VERSION = "1"  # bump when decoding or resizing changes, so old caches are not reused
+
+
+def _decode_one(path: Path, size: int, crop: float) -> tuple[np.ndarray | None, str]:
+    """(image, '') or (None, why it cannot be used) for one file."""
+    try:
+        return load_array(path, size, crop), ""
+    except DecodeError as e:
+        return None, str(e) or "cannot be decoded"
+    except OSError as e:
+        return None, f"cannot read ({e.strerror or type(e).__name__})"
 
 
 def _decode_chunk(args: tuple[str, list[str], int, float]) -> tuple[np.ndarray, list[str]]:
@@ -36,13 +47,10 @@ def _decode_chunk(args: tuple[str, list[str], int, float]) -> tuple[np.ndarray, 
     out = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
     errors = []
     for k, p in enumerate(paths):
-        try:
-            out[k] = load_array(Path(root) / p, size, crop)
-            errors.append("")
-        except DecodeError as e:
-            errors.append(str(e))
-        except OSError as e:
-            errors.append(f"cannot read ({e.strerror})")
+        image, error = _decode_one(Path(root) / p, size, crop)
+        if image is not None:
+            out[k] = image
+        errors.append(error)
     return out, errors
 
 
@@ -168,31 +176,39 @@ class _FileDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        try:
-            return torch.from_numpy(load_array(self.root / self.rows[i].path, self.size, self.crop)), i
-        except (DecodeError, OSError):
-            return None, i  # a file that fails to decode is dropped from its batch
+        image, error = _decode_one(self.root / self.rows[i].path, self.size, self.crop)
+        return (None if image is None else torch.from_numpy(image)), i, error  # a failed file: None and why
 
 
 def _collate(batch):
+    """(images, their indices, [(index, reason)] of the files dropped from this batch)."""
     keep = [b for b in batch if b[0] is not None]
+    dropped = [(b[1], b[2]) for b in batch if b[0] is None]
     if not keep:
-        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-    return torch.stack([b[0] for b in keep]), torch.tensor([b[1] for b in keep], dtype=torch.long)
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), dropped
+    return torch.stack([b[0] for b in keep]), torch.tensor([b[1] for b in keep], dtype=torch.long), dropped
 
 
 class FileSource:
-    """Images decoded from files per batch in DataLoader worker processes."""
+    """Images decoded from files per batch in DataLoader worker processes.
+
+    A file that fails to decode is left out of its batch; the workers send back its index and
+    reason with the batch, and `dropped` (path -> reason) collects them in this process.
+    """
 
     def __init__(self, root: Path, rows: list[Row], size: int, workers: int, crop: float = 1.0):
         self.dataset, self.workers = _FileDataset(root, rows, size, crop), workers
+        self.dropped: dict[str, str] = {}
 
     def batches(self, index_lists):
         lists = [idx.tolist() for idx in index_lists]
         if not lists:
             return
-        yield from torch.utils.data.DataLoader(self.dataset, batch_sampler=lists, num_workers=self.workers,
-                                               collate_fn=_collate)
+        for x, idx, dropped in torch.utils.data.DataLoader(self.dataset, batch_sampler=lists,
+                                                           num_workers=self.workers, collate_fn=_collate):
+            for i, reason in dropped:
+                self.dropped.setdefault(self.dataset.rows[i].path, reason)
+            yield x, idx
 
 
 @dataclass
@@ -205,7 +221,17 @@ class Loaders:
     std: tuple[float, ...]
     image_size: int
     kind: str  # memory | stream
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out when built
+
+    def dropped(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file left out so far, once each: found when the loaders were built
+        (memory path) or while streaming batches of train, val or test. Streaming finds a file when a
+        batch reaches it, so ask again after the epochs (and after the test pass)."""
+        out = dict(self.rejected)
+        for loader in (self.train, self.val, self.test):
+            for path, reason in getattr(getattr(loader, "source", None), "dropped", {}).items():
+                out.setdefault(path, reason)
+        return list(out.items())
 
 
 def _mean_std(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -263,8 +289,9 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
                         [r.path for r in rows])
         if mean_std is None:
             train_rows = split.of("train")
-            probe, errors = decode_all(root, [r.path for r in train_rows[:: max(1, len(train_rows) // 2000)]], size,
-                                       workers, crop)
+            probe_rows = train_rows[:: max(1, len(train_rows) // 2000)]
+            probe, errors = decode_all(root, [r.path for r in probe_rows], size, workers, crop)
+            rejected = [(r.path, e) for r, e in zip(probe_rows, errors) if e]
             mean_std = _mean_std(torch.from_numpy(probe[[not e for e in errors]]))
         mean, std = mean_std
 

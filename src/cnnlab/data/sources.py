@@ -4,6 +4,9 @@
 `val/`) hold class subfolders, a .zip/.tar(.gz) archive of either, or a dataset name:
 `cifar10` (an image-folder copy or the official archive under $CNNLAB_DATA or the user cache,
 downloaded when online) or `digits` (scikit-learn's bundled 8x8 digits, always available).
+Without `--data` (data.path empty) cnnlab looks for CIFAR-10 (`default_data`) and stops, saying
+where it looked, when there is none; `auto` (the main job's opt-in, configs/demo.yaml) does the
+same but ends with the bundled digits, saying so. Nothing trains on data nobody asked for.
 Hidden files and folders and non-image files never become classes; they are listed as ignored.
 """
 
@@ -29,7 +32,7 @@ from cnnlab.data.decode import is_image_name
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-DATASET_NAMES = ("cifar10", "digits")
+DATASET_NAMES = ("cifar10", "digits", "auto")  # data names that are not paths (auto: see default_data)
 
 
 @dataclass(frozen=True)
@@ -128,9 +131,18 @@ def require_trainable(scan: Scan, what: str = "training") -> Scan:
 
 
 def resolve_data(data: str) -> tuple[Path, str]:
-    """Turn `--data` into a local image folder. Returns (folder, a line saying what was used)."""
-    if not data:
-        raise UserError("no data given; pass --data a folder, an archive, or one of " + ", ".join(DATASET_NAMES))
+    """Turn `--data` into a local image folder. Returns (folder, a line saying what was used).
+
+    "" (no data given) and "auto" are `default_data` (without and with the digits at the end).
+    """
+    if not data or (data.lower() == "auto" and not Path(data).is_dir()):
+        found, line = default_data(digits=bool(data))
+        return _resolve_named(found)[0], line
+    return _resolve_named(data)
+
+
+def _resolve_named(data: str) -> tuple[Path, str]:
+    """A folder, an archive, `cifar10` or `digits` -> (folder, a line saying what was used)."""
     path = Path(data).expanduser()
     if path.is_dir():
         return path, f"data: image folder {path}"
@@ -210,8 +222,14 @@ def digits_folder() -> Path:
     return dest
 
 
-def default_data() -> tuple[str, str]:
-    """The main job's data: the shared CIFAR-10 copy, $CNNLAB_DATA, the download, then digits."""
+def default_data(digits: bool = False) -> tuple[str, str]:
+    """The data when none is given: the shared CIFAR-10 copy (../shared/data/cifar10 from the working
+    folder), $CNNLAB_DATA, then CIFAR-10 from the cache or its download. Returns (data, a line saying
+    which).
+
+    None of them: UserError saying where it looked and how to pass data, or with `digits` (data.path
+    `auto`, the main job's explicit opt-in) scikit-learn's bundled digits, saying that and why.
+    """
     shared = (Path.cwd().parent / "shared" / "data" / "cifar10").resolve()
     if (shared / "train").is_dir():
         return str(shared), f"data: CIFAR-10 JPEG copy at {shared}"
@@ -220,5 +238,13 @@ def default_data() -> tuple[str, str]:
     try:
         folder, line = _cifar10()
         return str(folder), line
-    except UserError:
-        return str(digits_folder()), "data: CIFAR-10 unavailable offline; using scikit-learn's bundled digits"
+    except UserError as e:
+        why = str(e).rstrip(".")
+    if digits:
+        return str(digits_folder()), (f"data: auto: no CIFAR-10 (none at {shared}, $CNNLAB_DATA not set, "
+                                      f"{why.split('. ')[0]}); using scikit-learn's bundled digits "
+                                      "(1,797 8x8 images, 10 classes)")
+    raise UserError(f"no data given, and none found: no CIFAR-10 copy at {shared}, $CNNLAB_DATA not set; {why}. "
+                    "Or pass the images with --data FOLDER (class subfolders), an archive, cifar10 or digits "
+                    "(data.path in a config file, --set data.path=...); data.path auto takes the bundled digits "
+                    "when no CIFAR-10 is found")

@@ -1,7 +1,8 @@
 """Write an evaluation: predictions.csv, metrics, the confusion matrix and misclassified images.
 
-Used after training (on the test split) and by `cnnlab evaluate`; takes `Predictions`, returns
-the metrics dict that goes into `summary.json`.
+`write_evaluation` is used after training (on the test split) and by `cnnlab evaluate`
+(`evaluate_run`, on the run's test split or on other images); it takes `Predictions` and returns
+the metrics dict that goes into `summary.json` (or an evaluation folder's metrics.json).
 """
 
 from __future__ import annotations
@@ -9,13 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cnnlab.core.figures import plot_image_grid, save_figure
-from cnnlab.core.runs import write_csv
+from cnnlab.core.errors import UserError
+from cnnlab.core.runs import RunFolder, load_run, new_run_dir, read_csv, save_json, sha256_file, write_csv
 from cnnlab.data.decode import DecodeError, decode_image, fit_square
+from cnnlab.data.loaders import FileSource, Loader
+from cnnlab.data.sources import resolve_data, scan_folder
+from cnnlab.data.splits import Row, Split, load_split
 from cnnlab.evaluate.metrics import compute_metrics
 from cnnlab.evaluate.plots import plot_confusion_pair
-from cnnlab.evaluate.predict import Predictions
+from cnnlab.evaluate.predict import Predictions, predict_loader
+from cnnlab.models.checkpoint import load_model
 
 
 def write_predictions(preds: Predictions, path: Path) -> Path:
@@ -30,8 +37,8 @@ def write_evaluation(preds: Predictions, data_root: Path, out_dir: Path, max_mis
     classes = list(preds.classes)
     metrics = compute_metrics(preds.targets, preds.probs, classes)
     metrics["images_per_second"] = round(preds.images_per_second, 1)
-    write_predictions(preds, out_dir / "predictions.csv")
-    save_figure(plot_confusion_pair(np.array(metrics["confusion_matrix"]), classes), out_dir / "confusion_matrix.png")
+    write_predictions(preds, RunFolder(out_dir).predictions)
+    save_figure(plot_confusion_pair(np.array(metrics["confusion_matrix"]), classes), RunFolder(out_dir).confusion)
     pred = preds.probs.argmax(1)
     wrong = np.flatnonzero(pred != preds.targets)
     # the most confident mistakes first: they say most about what the model gets wrong
@@ -46,5 +53,70 @@ def write_evaluation(preds: Predictions, data_root: Path, out_dir: Path, max_mis
     if images:
         fig = plot_image_grid(images, titles, ncols=8, title="Misclassified (true -> predicted, probability)",
                               colors=["darkred"] * len(images))
-        save_figure(fig, out_dir / "misclassified.png")
+        save_figure(fig, RunFolder(out_dir).misclassified)
     return metrics
+
+
+def evaluate_run(run: str | Path, data: str | None = None, include_seen: bool = False, log=print) -> Path:
+    """Evaluate a trained run on its own test split, or on all images of `data`.
+
+    Images of `data` whose bytes the run trained or validated on (their sha256 is in its split.csv)
+    are left out, or with `include_seen` kept and counted. Writes into `RUN/evaluations/<time>-evaluation/`
+    and returns that folder.
+    """
+    folder = load_run(run)
+    model, meta = load_model(folder.dir)
+    classes = tuple(meta["classes"])
+    seen: list = []
+    if data:
+        root, line = resolve_data(data)
+        split, seen = _other_images(folder, root, classes, include_seen, log)
+    else:
+        root = Path(folder.read_summary()["data"]["root"])
+        line = f"data: the run's test split in {root}"
+        split = load_split(folder.split, scan_folder(root))
+        split = Split(tuple(r for r in split.rows if r.split == "test"), classes)
+    log(line)
+    rows = list(split.rows)
+    y = torch.tensor([classes.index(r.label) for r in rows], dtype=torch.long)
+    test = Loader(FileSource(root, rows, meta["image_size"], workers=0, crop=meta.get("crop", 1.0)), y,
+                  [r.path for r in rows], 64, meta["mean"], meta["std"])
+    preds = predict_loader(model, test, classes)
+    if not len(preds.targets):
+        raise UserError(f"none of the {len(rows)} images in {root} decode; pass a folder of readable images "
+                        f"(`cnnlab audit {root}` lists what is wrong)")
+    out = new_run_dir(folder.evaluations, "evaluation")  # a new folder, even for two in one second
+    metrics = write_evaluation(preds, root, out)
+    if data:
+        metrics["seen_images"] = {"count": len(seen), "included": include_seen}
+    save_json(RunFolder(out).metrics, metrics)
+    log(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  loss {metrics['loss']:.4f}  "
+        f"on {metrics['n']:,} images")
+    return out
+
+
+def _other_images(folder: RunFolder, root: Path, classes: tuple, include_seen: bool, log) -> tuple[Split, list]:
+    """The images of `root` to evaluate on (its test/ split if it has one), without those the run trained or
+    validated on unless `include_seen`; and the seen ones."""
+    scan = scan_folder(root)
+    unknown = sorted(set(scan.classes) - set(classes))
+    if unknown:
+        raise UserError(f"{root} has classes the model does not know: {', '.join(unknown)}; the model knows "
+                        f"{', '.join(classes)}: pass a folder whose class folders are among them")
+    if not scan.items:
+        raise UserError(f"no images found in {root}")
+    items = [i for i in scan.items if i.split == "test"] or list(scan.items)
+    seen_hashes = {r["sha256"] for r in read_csv(folder.split) if r["split"] in ("train", "val")} \
+        if folder.split.is_file() else set()
+    hashes = {i.path: sha256_file(root / i.path) for i in items}
+    seen = [i for i in items if hashes[i.path] in seen_hashes]
+    if seen:
+        log(f"warning: {len(seen)} of {len(items)} images in {root} are ones the run trained or validated on "
+            "(same bytes as in its split.csv); " + ("kept, so the figures are optimistic" if include_seen else
+                                                    "left out (--include-seen keeps them)"))
+        if not include_seen:
+            items = [i for i in items if hashes[i.path] not in seen_hashes]
+    if not items:
+        raise UserError(f"every image in {root} is one the run trained or validated on; pass new images, "
+                        "or --include-seen to evaluate on them anyway")
+    return Split(tuple(Row(i.path, i.label, "test", hashes[i.path]) for i in items), classes), seen

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from cnnlab.core.runs import atomic_write, load_json, read_csv
+from cnnlab.core.runs import RunFolder, atomic_write, load_json, read_csv
 
-FIGURES = [("class_distribution.png", "Data: images per class and split"), ("curves.png", "Training curves"),
-           ("confusion_matrix.png", "Confusion matrix"), ("misclassified.png", "Misclassified test images")]
+FIGURES = [(RunFolder.class_distribution, "Data: images per class and split"), (RunFolder.curves, "Training curves"),
+           (RunFolder.confusion, "Confusion matrix"), (RunFolder.misclassified, "Misclassified test images")]
 
 
 SPLITS = ("train", "val", "test")  # the split values of split.csv (cnnlab.data.splits)
@@ -28,11 +28,11 @@ def data_facts(run_dir: Path, summary: dict | None = None) -> dict:
     echo a study's description instead; summary.json's per-class counts stand in for a folder
     without it, and config.yaml fills what an older summary.json lacks.
     """
-    run_dir = Path(run_dir)
-    summary = load_json(run_dir / "summary.json") if summary is None else summary
+    run = RunFolder(run_dir)
+    summary = load_json(run.summary) if summary is None else summary
     data = summary.get("data") or {}
-    if (run_dir / "split.csv").is_file():
-        rows = read_csv(run_dir / "split.csv")
+    if run.split.is_file():
+        rows = read_csv(run.split)
         counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
         classes = len({r["class"] for r in rows})
     else:
@@ -40,8 +40,8 @@ def data_facts(run_dir: Path, summary: dict | None = None) -> dict:
         counts = {s: sum(c.get(s, 0) for c in per_class.values()) for s in SPLITS}
         classes = len(summary.get("classes") or per_class)
     cfg = {}
-    if not (data.get("root") and data.get("image_size")) and (run_dir / "config.yaml").is_file():
-        cfg = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}
+    if not (data.get("root") and data.get("image_size")) and run.config.is_file():
+        cfg = (yaml.safe_load(run.config.read_text()) or {}).get("data") or {}
     return {"root": str(data.get("root") or cfg.get("path") or "unknown data"), **counts, "classes": classes,
             "image_size": data.get("image_size") or cfg.get("image_size") or None,
             "rejected": data.get("rejected") or 0, "split_sha256": data.get("split_sha256", "")}
@@ -57,7 +57,7 @@ def data_line(facts: dict, with_size: bool = True) -> str:
     line = (f"{facts['root']}, {facts['train']:,} train / {facts['val']:,} val / {facts['test']:,} test images, "
             f"{facts['classes']} classes" + (f", {size}" if with_size else ""))
     if facts["rejected"]:  # in split.csv but left out of training: they do not decode
-        line += f" ({facts['rejected']:,} files left out, see rejected.csv)"
+        line += f" ({facts['rejected']:,} files left out, see {RunFolder.rejected})"
     return line
 
 
@@ -98,13 +98,13 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     """Write report.md and report.html into `run_dir`; return both paths."""
-    run_dir = Path(run_dir)
-    summary = load_json(run_dir / "summary.json")
-    title = f"cnnlab run {run_dir.name}"
-    model_text = (run_dir / "model_summary.txt").read_text() if (run_dir / "model_summary.txt").is_file() else ""
+    run = RunFolder(run_dir)
+    summary = load_json(run.summary)
+    title = f"cnnlab run {run.dir.name}"
+    model_text = run.model_summary.read_text() if run.model_summary.is_file() else ""
     tables = _tables(summary)
-    data = "Data: " + data_line(data_facts(run_dir, summary))
-    history = read_csv(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else []
+    data = "Data: " + data_line(data_facts(run.dir, summary))
+    history = read_csv(run.history) if run.history.is_file() else []
 
     md = [f"# {title}", "", data, ""]
     for name, header, rows in tables:
@@ -117,11 +117,11 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         md += ["## History", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         md += ["| " + " | ".join(_fmt(float(r[c])) if c not in ("epoch", "phase") else r[c] for c in cols) + " |" for r in history] + [""]
     for fname, caption in FIGURES:
-        if (run_dir / fname).is_file():
+        if (run.dir / fname).is_file():
             md += [f"## {caption}", "", f"![{caption}]({fname})", ""]
     if model_text:
         md += ["## Model", "", "```", model_text, "```", ""]
-    md_path = atomic_write(run_dir / "report.md", "\n".join(md))
+    md_path = atomic_write(run.report_md, "\n".join(md))
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
@@ -138,11 +138,11 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
         parts.append("</table>")
     for fname, caption in FIGURES:
-        if (run_dir / fname).is_file():
-            data = base64.b64encode((run_dir / fname).read_bytes()).decode()
+        if (run.dir / fname).is_file():
+            data = base64.b64encode((run.dir / fname).read_bytes()).decode()
             parts.append(f"<h2>{caption}</h2><img alt='{caption}' src='data:image/png;base64,{data}'>")
     if model_text:
         parts.append(f"<h2>Model</h2><pre>{html.escape(model_text)}</pre>")
     parts.append("</body></html>")
-    html_path = atomic_write(run_dir / "report.html", "\n".join(parts))
+    html_path = atomic_write(run.report, "\n".join(parts))
     return md_path, html_path

@@ -86,6 +86,7 @@ def _positive_int(v, where, name):
 
 def build_layers(specs: list, num_classes: int, image_size: int, in_channels: int = 3) -> LayerNet:
     """Build and shape-check a LayerNet from layer specs (see the module docstring)."""
+    # Over 60 lines on purpose: one branch per layer kind, a table to read rather than a flow.
     if not specs:
         raise UserError("model.layers is empty; list layers or pick a preset with --model (see `cnnlab models`)")
     parsed = [_parse(s, f"model.layers[{i}]") for i, s in enumerate(specs)]

@@ -81,9 +81,16 @@ def is_transfer_name(name: str) -> bool:
     return name in ALIASES or name.startswith(("timm:", "tv:"))
 
 
+# The families of names the registry resolves with `dynamic_entry` (registered in models/__init__.py)
+FAMILIES = {
+    "timm": "any timm network, with a new head (names: timm.list_models())",
+    "tv": "any torchvision classification network, with a new head (names: torchvision.models.list_models())",
+}
+
+
 def dynamic_entry(name: str) -> ModelEntry | None:
-    """Registry hook: an entry for `timm:ARCH` / `tv:ARCH` names, built on first use."""
-    if ":" not in name:
+    """Registry resolver for `timm:ARCH` / `tv:ARCH` names: an entry built on first use, or UserError."""
+    if name.partition(":")[0] not in FAMILIES:
         return None
     a = resolve(name)
     return ModelEntry(name, _factory(name), a.size, a.description)

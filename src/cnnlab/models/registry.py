@@ -1,8 +1,10 @@
 """The one model registry: `@register_model` fills a dict, `create_model` is the only builder.
 
 Entries are plain functions `fn(num_classes, image_size, **kwargs) -> nn.Module`, registered by
-the explicit imports in `models/__init__.py`. A duplicate name is a bug and raises. Names of the
-form `timm:ARCH` / `tv:ARCH` are any timm or torchvision network (models/pretrained.py).
+the explicit imports in `models/__init__.py`. A duplicate name is a bug and raises. A family of
+names `PREFIX:NAME` is resolved on first use by the function registered for PREFIX with
+`register_prefix` (models/__init__.py registers `timm:` and `tv:` from models/pretrained.py), so
+this module imports no model module.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ class ModelEntry:
     description: str
 
 
+@dataclass(frozen=True)
+class Family:
+    prefix: str
+    resolve: Callable[[str], ModelEntry | None]  # the full name `PREFIX:NAME` -> its entry, None, or UserError
+    description: str
+
+
 _MODELS: dict[str, ModelEntry] = {}
+_FAMILIES: dict[str, Family] = {}
 
 
 def register_model(default_size: int, description: str):
@@ -40,20 +50,36 @@ def add_entry(entry: ModelEntry) -> None:
     _MODELS[entry.name] = entry
 
 
+def register_prefix(prefix: str, resolve: Callable[[str], ModelEntry | None], description: str) -> None:
+    """Names `PREFIX:NAME` are resolved by `resolve(name)` (an entry, None for unknown, or UserError)."""
+    if not prefix or ":" in prefix:
+        raise ValueError(f"model prefix {prefix!r} must be non-empty and have no ':'")
+    if prefix in _FAMILIES:
+        raise ValueError(f"model prefix {prefix!r} is registered twice")
+    _FAMILIES[prefix] = Family(prefix, resolve, description)
+
+
 def list_models() -> list[str]:
+    """The registered names (families of names: `list_families`)."""
     return sorted(_MODELS)
 
 
-def get_entry(name: str) -> ModelEntry:
-    if name not in _MODELS:
-        from cnnlab.models.pretrained import dynamic_entry
+def list_families() -> list[tuple[str, str]]:
+    """(`PREFIX:NAME`, description) of every registered family of names, e.g. ("timm:NAME", "any timm ...")."""
+    return [(f"{p}:NAME", f.description) for p, f in sorted(_FAMILIES.items())]
 
-        entry = dynamic_entry(name)
-        if entry is None:
-            raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}, "
-                            "or timm:NAME / tv:NAME for any timm or torchvision network (see `cnnlab models`)")
-        return entry
-    return _MODELS[name]
+
+def get_entry(name: str) -> ModelEntry:
+    if name in _MODELS:
+        return _MODELS[name]
+    prefix, colon, _ = name.partition(":")
+    family = _FAMILIES.get(prefix) if colon else None
+    entry = family.resolve(name) if family else None
+    if entry is None:
+        families = "".join(f"; or {n}, {d}" for n, d in list_families())
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}{families} "
+                        "(see `cnnlab models`)")
+    return entry
 
 
 def create_model(name: str, num_classes: int, image_size: int | None = None, **kwargs) -> nn.Module:

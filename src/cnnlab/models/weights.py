@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cnnlab.core.env import offline
+from cnnlab.core.env import cache_dir, offline
 from cnnlab.core.errors import UserError, WeightsNotFound
 from cnnlab.core.runs import sha256_file
-from cnnlab.core.env import cache_dir
 from cnnlab.models.pretrained import ALIASES, TransferNet, is_transfer_name, resolve
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")

@@ -20,7 +20,8 @@ import numpy as np
 
 from cnnlab.core.errors import UserError
 from cnnlab.core.figures import pyplot, save_figure
-from cnnlab.core.runs import atomic_write, load_json, read_csv
+from cnnlab.core.runs import RunFolder, atomic_write, read_csv
+from cnnlab.data.decode import DecodeError, decode_image
 from cnnlab.evaluate.plots import integer_ticks
 from cnnlab.evaluate.run_report import data_facts, data_line
 
@@ -42,12 +43,13 @@ COLUMNS = {
 }
 
 
-def load_run(folder: Path, name: str = "", group: str = "") -> dict:
-    """One table row (plus history and the confusion matrix) from a run folder."""
-    s = load_json(folder / "summary.json")
+def run_row(folder: Path, name: str = "", group: str = "") -> dict:
+    """One table row (plus history and the confusion matrix) from a finished run folder."""
+    run = RunFolder(folder)
+    s = run.read_summary()
     test, phases = s.get("test") or {}, s.get("phases") or []
-    history = read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else []
-    weights = folder / "model.safetensors"
+    history = read_csv(run.history) if run.history.is_file() else []
+    weights = run.weights
     row = {"name": name or folder.name, "group": group or s["model"]["name"], "folder": folder,
            "model": s["model"]["name"], "phase": " > ".join(p["name"] for p in phases) or "scratch",
            "lr": phases[-1]["lr"] if phases else s["train"]["lr"], "epochs": len(history),
@@ -107,9 +109,24 @@ def written_comparison(rows: list[dict]) -> list[str]:
     return [f"On {data}: " + " ".join(_compare_on_one_data(members)) for data, members in by_data.items()]
 
 
+def ranked(rows: list[dict]) -> list[dict]:
+    """The runs with a usable result, best validation accuracy first (test figures never choose)."""
+    return sorted((r for r in rows if r["status"] in OK and r.get("val_accuracy") is not None),
+                  key=lambda r: -r["val_accuracy"])
+
+
+def best_by_data(rows: list[dict]) -> dict[str, dict]:
+    """The best run on each data set: runs on different images are never ranked against each other."""
+    best = {}
+    for data in sorted({r["data"] for r in rows}):
+        ok = ranked([r for r in rows if r["data"] == data])
+        if ok:
+            best[data] = ok[0]
+    return best
+
+
 def _compare_on_one_data(rows: list[dict]) -> list[str]:
-    ok = sorted((r for r in rows if r["status"] in OK and r.get("val_accuracy") is not None),
-                key=lambda r: -r["val_accuracy"])
+    ok = ranked(rows)
     lines = []
     if not ok:
         return ["No run finished with a usable result."]
@@ -190,19 +207,19 @@ def plot_accuracy_bars(rows: list[dict]):
 
 
 def _thumb(path: Path, side: int = 64) -> str:
+    """A base64 JPEG thumbnail through the one decoder (EXIF turned, any mode to RGB, bombs refused); '' if none."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((side, side))
-            if max(im.size) < side:
-                im = im.resize((side, side * im.size[1] // max(1, im.size[0])), Image.NEAREST)
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=85)
-        return base64.b64encode(buf.getvalue()).decode()
-    except OSError:
+        im = decode_image(path).image
+    except (DecodeError, OSError):
         return ""
+    im.thumbnail((side, side))
+    if max(im.size) < side:
+        im = im.resize((side, side * im.size[1] // max(1, im.size[0])), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _confusion_html(i: int, r: dict, per_cell: int) -> tuple[str, str]:
@@ -210,7 +227,8 @@ def _confusion_html(i: int, r: dict, per_cell: int) -> tuple[str, str]:
     cm, classes = r["confusion"], r["classes"]
     if not cm:
         return "", ""
-    preds = read_csv(r["folder"] / "predictions.csv") if (r["folder"] / "predictions.csv").is_file() else []
+    predictions = RunFolder(r["folder"]).predictions
+    preds = read_csv(predictions) if predictions.is_file() else []
     cells: dict[tuple[str, str], list[str]] = {}
     for p in preds:
         if p["target"] != p["prediction"]:
@@ -271,6 +289,7 @@ def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] =
     Args:
         unavailable: (run name, reason) of planned runs that could not run, e.g. weights not available.
     """
+    # Over 60 lines on purpose: the Markdown and the HTML of one report, built side by side.
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -19,8 +19,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from cnnlab.data.decode import DecodeError
-from cnnlab.serve.engine import Engine
+from cnnlab.data.decode import DecodeError, ImageTooLarge, NotAnImage
+from cnnlab.evaluate.predict import Predictor
+from cnnlab.models.checkpoint import bundle_folder
 
 MAX_BODY = 10 * 2**20
 MAX_BATCH = 64
@@ -81,10 +82,10 @@ class Metrics:
 
 
 def _status_for(error: DecodeError) -> int:
-    text = str(error)
-    if "decompression bomb" in text:
+    """413 for a decompression bomb, 415 for bytes that are no image, 422 for a damaged image."""
+    if isinstance(error, ImageTooLarge):
         return 413
-    if "not a recognised image" in text or "empty file" in text:
+    if isinstance(error, NotAnImage):
         return 415
     return 422
 
@@ -92,6 +93,7 @@ def _status_for(error: DecodeError) -> int:
 def create_app(path: str | None = None, engine: str | None = None, threads: int | None = None,
                max_body: int | None = None, api_key: str | None = None) -> FastAPI:
     """The app for the bundle (or run folder) at `path`; unset arguments come from CNNLAB_SERVE_* variables."""
+    # Over 60 lines on purpose: FastAPI's style, each route a short closure over this app's one model.
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     env = os.environ
@@ -100,48 +102,49 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     threads = threads or int(env.get("CNNLAB_SERVE_THREADS", "1"))
     max_body = max_body or int(env.get("CNNLAB_SERVE_MAX_BODY", str(MAX_BODY)))
     api_key = api_key if api_key is not None else env.get("CNNLAB_SERVE_API_KEY", "")
-    state: dict = {"engine": None}
+    state: dict = {"predictor": None}
     registry = CollectorRegistry()
     requests = Counter("cnnlab_requests", "HTTP requests by path and status", ["path", "status"], registry=registry)
     latency = Histogram("cnnlab_request_seconds", "request latency", ["path"], registry=registry,
                         buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
 
     async def lifespan(app):
-        state["engine"] = Engine.load(path, engine, threads)
-        state["engine"].warm()
+        state["predictor"] = Predictor.load(bundle_folder(path), engine, threads)
+        state["predictor"].warm()
         yield
 
     app = FastAPI(title="cnnlab", summary="Upload an image, get every class's probability.", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(Metrics, requests=requests, latency=latency)  # outermost: sees every answer
 
-    def _engine() -> Engine:
-        if state["engine"] is None:
+    def _predictor() -> Predictor:
+        if state["predictor"] is None:
             raise HTTPException(503, "the model is still loading")
-        return state["engine"]
+        return state["predictor"]
 
     def _authorised(request: Request) -> None:
         if api_key and not hmac.compare_digest(request.headers.get("x-api-key", ""), api_key):
             raise HTTPException(401, "missing or wrong X-API-Key header")
 
-    def _answer(engine: Engine, probs) -> dict:
-        order = sorted(range(len(engine.classes)), key=lambda k: -probs[k])
+    def _answer(predictor: Predictor, probs) -> dict:
+        classes = predictor.classes_
+        order = sorted(range(len(classes)), key=lambda k: -probs[k])
         top = order[0]
-        return {"prediction": engine.classes[top], "probability": round(float(probs[top]), 6),
-                "uncertain": bool(probs[top] < engine.info.get("uncertain_below", 0.0)),
-                "probabilities": {engine.classes[k]: float(probs[k]) for k in order}}
+        return {"prediction": classes[top], "probability": round(float(probs[top]), 6),
+                "uncertain": bool(probs[top] < predictor.info.get("uncertain_below", 0.0)),
+                "probabilities": {classes[k]: float(probs[k]) for k in order}}
 
-    async def _classify(engine: Engine, data: bytes) -> dict:
+    async def _classify(predictor: Predictor, data: bytes) -> dict:
         if not data:
             raise HTTPException(415, "empty upload: send an image file")
         try:
-            if len(data) <= INLINE_BYTES and engine.seconds <= INLINE_SECONDS:
-                probs = engine.predict_bytes(data)  # a small image on a small model: a thread hop costs more
+            if len(data) <= INLINE_BYTES and predictor.seconds <= INLINE_SECONDS:
+                probs = predictor.predict_bytes(data)  # a small image on a small model: a thread hop costs more
             else:  # decode and model in one worker-thread hop: the event loop never waits on a big image
-                probs = await run_in_threadpool(engine.predict_bytes, data)
+                probs = await run_in_threadpool(predictor.predict_bytes, data)
         except DecodeError as e:
             raise HTTPException(_status_for(e), f"not a usable image: {e}") from None
-        return _answer(engine, probs)
+        return _answer(predictor, probs)
 
     async def _form(request: Request, max_files: int):
         try:
@@ -163,22 +166,22 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
 
     @app.get("/readyz")
     async def readyz():
-        if state["engine"] is None:
+        if state["predictor"] is None:
             return JSONResponse({"status": "loading"}, 503)
-        return {"status": "ready", "engine": state["engine"].kind}
+        return {"status": "ready", "engine": state["predictor"].kind}
 
     @app.get("/model")
     async def model_info():
-        engine = _engine()
-        keys = ("classes", "model_name", "preprocessing", "metrics", "uncertain_below", "threshold_from",
-                "cnnlab_version", "split_sha256", "run")
-        return {**{k: engine.info.get(k) for k in keys}, "engine": engine.kind}
+        predictor = _predictor()
+        keys = ("model_name", "metrics", "uncertain_below", "threshold_from", "cnnlab_version", "split_sha256", "run")
+        return {"classes": predictor.classes_, **{k: predictor.info.get(k) for k in keys},
+                "preprocessing": predictor.preprocessing, "engine": predictor.kind}
 
     @app.post("/predict")
     async def predict(request: Request):
         """One image: a multipart form with the file in field `file`, or the raw image bytes as the body."""
         _authorised(request)
-        engine = _engine()
+        predictor = _predictor()
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await _form(request, 1)
             upload = form.get("file")
@@ -190,13 +193,13 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
                 data = await request.body()
             except ClientDisconnect:
                 raise HTTPException(400, "the request body ended early") from None
-        return await _classify(engine, data)
+        return await _classify(predictor, data)
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request):
         """Several images as multipart fields named `files`; one answer (or error) per image, in order."""
         _authorised(request)
-        engine = _engine()
+        predictor = _predictor()
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise HTTPException(415, "send a multipart form with the images in fields named 'files'")
         form = await _form(request, MAX_BATCH)
@@ -207,16 +210,16 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
         for k, upload in enumerate(uploads):
             data = await upload.read()
             try:
-                arrays.append(await run_in_threadpool(engine.decode, data))
+                arrays.append(await run_in_threadpool(predictor.decode, data))
                 index.append(k)
                 results.append(None)
             except DecodeError as e:
                 results.append({"filename": upload.filename, "error": f"not a usable image: {e}",
                                 "status": _status_for(e)})
         if arrays:
-            probs = await run_in_threadpool(engine.predict_arrays, arrays)
+            probs = await run_in_threadpool(predictor.predict_arrays, arrays)
             for k, p in zip(index, probs):
-                results[k] = {"filename": uploads[k].filename, **_answer(engine, p)}
+                results[k] = {"filename": uploads[k].filename, **_answer(predictor, p)}
         return {"results": results}
 
     @app.get("/metrics", include_in_schema=False)
@@ -260,7 +263,7 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1
     import uvicorn
 
     from cnnlab.core.errors import UserError
-    from cnnlab.serve.bundle import load_bundle
+    from cnnlab.models.checkpoint import load_bundle
 
     folder, info = load_bundle(path)  # a bad bundle fails here, before any worker starts
     if not 1 <= workers <= 64:

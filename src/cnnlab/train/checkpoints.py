@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import load_file, safe_open, save
 
 from cnnlab.core.errors import UserError
-from cnnlab.core.runs import atomic_write
+from cnnlab.core.runs import RunFolder, atomic_write
 
-CHECKPOINT = "checkpoint.safetensors"
 
 
 def capture_rng() -> tuple[dict, dict]:
@@ -53,14 +52,14 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict,
     meta = {"progress": progress, "rng": rng_state, "param_groups": opt["param_groups"],
             "scheduler": scheduler.state_dict()}
     data = save(tensors, metadata={"cnnlab": json.dumps(meta)})
-    return atomic_write(Path(run_dir) / CHECKPOINT, data)
+    return atomic_write(RunFolder(run_dir).checkpoint, data)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict, dict]:
     """(tensors, meta) of the run's checkpoint, or a UserError saying why it cannot be resumed."""
-    path = Path(run_dir) / CHECKPOINT
+    path = RunFolder(run_dir).checkpoint
     if not path.is_file():
-        raise UserError(f"{run_dir} has no {CHECKPOINT} to resume from (it finished, or never completed a step)")
+        raise UserError(f"{run_dir} has no {RunFolder.checkpoint} to resume from (it finished, or never completed a step)")
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["cnnlab"])

@@ -20,7 +20,7 @@ import torch
 
 from cnnlab.data.loaders import Loader, Loaders, MemorySource
 from cnnlab.core.env import cache_dir
-from cnnlab.models.checkpoint import to_onnx
+from cnnlab.models.checkpoint import OnnxUnavailable, onnx_session, to_onnx
 
 AGREE_ATOL = 1e-3  # |ORT - PyTorch| allowed, relative to the features' scale
 BATCH = 64  # extraction batch: large enough for throughput, small enough for 224 px activations
@@ -52,13 +52,8 @@ class OnnxEngine:
     name = "onnxruntime"
 
     def __init__(self, model, batch: int, size: int, threads: int):
-        import onnxruntime as ort
-
         onnx = to_onnx(_Features(model), torch.zeros(batch, 3, size, size), "f", dynamic_batch=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(onnx, threads)  # OnnxUnavailable: no onnxruntime, or it cannot load it
         self.batch = batch
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
@@ -83,7 +78,14 @@ def make_engine(model, kind: str, batch: int, size: int, probe: torch.Tensor, th
             log(f"features: ONNX Runtime (agrees with PyTorch fp32 to {err:.1e} on {len(probe)} images)")
             return engine
         log(f"features: ONNX Runtime differs from PyTorch by {err:.2e}; using PyTorch")
-    except Exception as e:  # an export or runtime failure must never stop training: PyTorch still works
+    except OnnxUnavailable as e:  # no onnxruntime, or it cannot load or run the backbone
+        log(f"features: ONNX Runtime unavailable ({str(e)[:160]}); using PyTorch")
+    except Exception as e:
+        # Kept broad on purpose: it guards the ONNX export of an arbitrary backbone (timm models, custom
+        # CNNs), and the TorchScript tracer and exporter raise many unrelated types for a module they cannot
+        # trace (RuntimeError, TypeError, torch.onnx.errors.*, AttributeError, ...), and session.run
+        # raises ONNX Runtime's own types. Any of them only means this speed-up is unavailable: training
+        # goes on with PyTorch, and the reason is logged, never swallowed.
         log(f"features: ONNX Runtime unavailable ({type(e).__name__}: {str(e)[:120]}); using PyTorch")
     return torch_engine
 

@@ -18,19 +18,28 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from cnnlab.core import signals
 from cnnlab.core.config import TrainConfig
-from cnnlab.core.runs import write_csv
-from cnnlab.models.checkpoint import save_weights
+from cnnlab.core.runs import RunFolder, write_csv
 from cnnlab.train.checkpoints import restore_training, save_checkpoint
 from cnnlab.train.distributed import DistInfo, all_sum
 from cnnlab.train.optim import build_optimizer, build_scheduler
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "phase"]
+
+
+@dataclass(frozen=True)
+class BestWeights:
+    """Where `fit` keeps the best epoch's weights: `save()` writes them (on rank 0 only), `load()` returns
+    the state dict they hold for the trained module, to continue a resumed run's comparison."""
+
+    save: Callable[[], None]
+    load: Callable[[], dict]
 
 
 @dataclass(frozen=True)
@@ -131,13 +140,13 @@ def _finite(model: nn.Module) -> bool:
 def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: torch.device, precision: str,
         class_weights: torch.Tensor | None = None, log=print, progress=True, resume: tuple | None = None,
         dist: DistInfo = DistInfo(), run_info: dict | None = None, phase: str = "scratch", earlier: list = (),
-        best_file: str = "model.safetensors") -> FitResult:
+        best: BestWeights | None = None) -> FitResult:
     """Train `model` on `loaders.train`, validating on `loaders.val` each epoch.
 
     Args:
         model: the network (wrapped in DistributedDataParallel under torchrun).
         cfg: the training section of the config.
-        run_dir: where history.csv, model.safetensors (best weights) and the checkpoint go.
+        run_dir: where history.csv and the checkpoint go.
         precision: "fp32", "bf16" or "fp16" (autocast; fp16 with a GradScaler, whose scale restarts
             on resume).
         class_weights: per-class loss weights, or None.
@@ -146,11 +155,12 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         run_info: stored in the checkpoint so a resume can check it continues the same run.
         phase: this phase's name in history.csv (scratch | frozen | finetune).
         earlier: history rows of the phases before this one, kept at the top of history.csv.
-        best_file: where the best weights of `model` go in the run folder.
+        best: saves the best weights when an epoch improves on the best so far (None: not saved).
 
     Returns:
         FitResult; the model holds the best epoch's weights afterwards.
     """
+    # Over 60 lines on purpose: one epoch loop read top to bottom, as in torchvision's reference script.
     net = model.module if hasattr(model, "module") else model  # what gets saved
     runner = torch.compile(model) if cfg.compile else model  # shares `model`'s parameters
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
@@ -169,10 +179,8 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         if p["step"]:
             loaders.train.set_epoch(p["epoch"])
             loaders.train.resume_at(p["step"], tensors.get("rng.loader"))
-        if p["best_epoch"]:
-            from safetensors.torch import load_file
-
-            best_state = load_file(str(run_dir / best_file))
+        if p["best_epoch"] and best is not None:
+            best_state = best.load()
         log(f"resumed at epoch {p['epoch']}, step {p['step']}")
 
     def checkpoint(epoch: int, step: int, totals) -> None:
@@ -212,15 +220,15 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             if improved and _finite(net):
                 p.update(best=metric, best_epoch=epoch, stale=0)
                 best_state = copy.deepcopy(net.state_dict())
-                if dist.main:
-                    save_weights(net, run_dir / best_file)
+                if dist.main and best is not None:
+                    best.save()
             else:
                 p["stale"] += 1
             row["seconds"] = round(time.perf_counter() - start, 3)
             p["history"].append(row)
             p.update(step=0, totals=[0.0, 0, 0])
             if dist.main:
-                write_csv(run_dir / "history.csv", HISTORY_COLUMNS,
+                write_csv(RunFolder(run_dir).history, HISTORY_COLUMNS,
                           ([r[c] for c in HISTORY_COLUMNS] for r in [*earlier, *p["history"]]))
             checkpoint(epoch + 1, 0, (0.0, 0, 0))
             log(("" if phase == "scratch" else f"{phase} ") + f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "

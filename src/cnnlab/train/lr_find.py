@@ -11,13 +11,21 @@ restored afterwards, so the test leaves no trace on the training that follows.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from cnnlab.core.config import Config
+from cnnlab.core.env import seed_everything, set_threads
+from cnnlab.core.figures import save_figure
+from cnnlab.core.runs import RunFolder, new_run_dir, save_json
+from cnnlab.data.loaders import make_loaders
 from cnnlab.train.optim import build_optimizer
+from cnnlab.train.setup import build_model, data_and_split, init_from_data
 
 
 def smooth(losses: list[float], beta: float = 0.9) -> np.ndarray:
@@ -104,3 +112,30 @@ def plot_lr_find(result: dict, title: str = ""):
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def find_lr(cfg: Config, log=print) -> Path:
+    """`cnnlab lr-find`: the range test on `cfg`'s model and data (its first phase's trainable weights).
+
+    Writes lr_find.json and lr_find.png into a new folder under cfg.out and returns it.
+    """
+    root, split = data_and_split(cfg, log)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    m = build_model(cfg, split, log)
+    if m.phases[0].unfreeze is not None:
+        m.model.set_trainable(m.phases[0].unfreeze)
+    set_threads(cfg.train.threads)
+    folder = RunFolder(new_run_dir(cfg.out, m.name, cfg.tag or "lr-find"))
+    loaders = make_loaders(root, split, m.size, cfg.train.batch_size, cfg.train.eval_batch_size,
+                           loader=cfg.data.loader, memory_cap_mb=cfg.data.memory_cap_mb, augment=cfg.data.augment,
+                           pad=cfg.data.crop_padding, seed=cfg.train.seed, workers=cfg.data.workers,
+                           mean_std=m.mean_std, crop=m.crop, log=log)
+    model = m.model.to(memory_format=torch.channels_last)
+    init_from_data(model, loaders, torch.device("cpu"))
+    result = lr_range_test(model, loaders.train, dataclasses.replace(cfg.train, lr=1e-7), torch.device("cpu"))
+    save_json(folder.lr_find, {"model": m.name, "optimizer": cfg.train.optimizer, **result})
+    save_figure(plot_lr_find(result, f"{m.name}, {cfg.train.optimizer}, batch {cfg.train.batch_size}"),
+                folder.lr_find_plot)
+    log(f"suggested learning rate {result['suggestion']:.3g} (lowest smoothed loss at {result['lr_min_loss']:.3g}, "
+        f"steepest descent at {result['lr_steepest']:.3g}); use it with --lr or set train.lr: auto")
+    return folder.dir
