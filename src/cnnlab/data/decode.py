@@ -13,6 +13,7 @@ bytes that are no image at all (or none), `ImageTooLarge` for a decompression bo
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ class Decoded:
 
 
 def is_image_name(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
 
 
 def decode_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Decoded:

@@ -123,14 +123,14 @@ def find_lr(cfg: Config, log=print) -> Path:
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     m = build_model(cfg, split, log)
     if m.phases[0].unfreeze is not None:
-        m.model.set_trainable(m.phases[0].unfreeze)
+        m.net.set_trainable(m.phases[0].unfreeze)
     set_threads(cfg.train.threads)
     folder = RunFolder(new_run_dir(cfg.out, m.name, cfg.tag or "lr-find"))
     loaders = make_loaders(root, split, m.size, cfg.train.batch_size, cfg.train.eval_batch_size,
                            loader=cfg.data.loader, memory_cap_mb=cfg.data.memory_cap_mb, augment=cfg.data.augment,
                            pad=cfg.data.crop_padding, seed=cfg.train.seed, workers=cfg.data.workers,
                            mean_std=m.mean_std, crop=m.crop, log=log)
-    model = m.model.to(memory_format=torch.channels_last)
+    model = m.net.to(memory_format=torch.channels_last)
     init_from_data(model, loaders, torch.device("cpu"))
     result = lr_range_test(model, loaders.train, dataclasses.replace(cfg.train, lr=1e-7), torch.device("cpu"))
     save_json(folder.lr_find, {"model": m.name, "optimizer": cfg.train.optimizer, **result})

@@ -108,9 +108,9 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
             tee(note)
         ctx = RunContext(resolved, folder, root, split, model, loaders, _model_meta(model, split, loaders, run_info),
                          device, precision, threads, dist, run_info, checkpoint, tee, progress)
-        model.model.to(device).to(memory_format=torch.channels_last)
+        model.net.to(device).to(memory_format=torch.channels_last)
         if checkpoint is None:  # a resumed run has these layers in its checkpoint
-            init_from_data(model.model, loaders, device)
+            init_from_data(model.net, loaders, device)
         result, phases, evaluator = _run_phases(ctx)
         if dist.main:
             with signals.deferred():  # evaluation and report complete the folder before a signal ends the run
@@ -164,7 +164,7 @@ def _new_folder(resolved: Config, split: Split, model: ModelSetup, device, dist:
         atomic_write(folder.config, dump_config(resolved))
         save_split(split, folder.split)
         save_json(folder.env, env_info(device))
-        atomic_write(folder.model_summary, format_summary(model.name, summarize(model.model, model.size), model.size))
+        atomic_write(folder.model_summary, format_summary(model.name, summarize(model.net, model.size), model.size))
         save_figure(plot_class_counts(split.counts()), folder.class_distribution)
     return folder
 
@@ -220,7 +220,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
     Returns the result over all phases, the phases' records, and the evaluator: (module, test
     loader), the full model on images or the head on cached features.
     """
-    model, folder, dist = ctx.model.model, ctx.folder, ctx.dist
+    model, folder, dist = ctx.model.net, ctx.folder, ctx.dist
     done = load_json(folder.phases) if folder.phases.is_file() else []
     rows = [r for d in done for r in d["history"]]
     result, evaluator = None, (model, ctx.loaders.test)
@@ -286,7 +286,7 @@ def _phase_lr(ctx: RunContext, ph, net, loaders):
 def _best_weights(ctx: RunContext, net: torch.nn.Module) -> BestWeights:
     """The one writer of model.safetensors: the whole model (so also the backbone around a head trained on
     features) and its model.json, each time `fit` finds a better epoch; read back into `net` on resume."""
-    model = ctx.model.model
+    model = ctx.model.net
     inner = net.module if isinstance(net, DistributedDataParallel) else net
     name = next(n for n, m in model.named_modules() if m is inner)
     prefix = f"{name}." if name else ""
@@ -313,7 +313,7 @@ def _combined(done: list[dict], message: str) -> FitResult:
 
 def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: tuple) -> None:
     """Evaluate the best weights on the test split; write summary.json, the plots and the report."""
-    folder, model, split = ctx.folder, ctx.model.model, ctx.split
+    folder, model, split = ctx.folder, ctx.model.net, ctx.split
     if not result.history:
         write_csv(folder.history, HISTORY_COLUMNS, [])
     params_total, params_trainable = count_params(model)

@@ -54,7 +54,7 @@ def class_weights(split: Split) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class ModelSetup:
     name: str
-    model: torch.nn.Module
+    net: torch.nn.Module  # the network, with its starting weights
     model_args: dict
     size: int  # the images' decode side
     input_size: int  # the network's input side (pretrained backbones upscale smaller images)
