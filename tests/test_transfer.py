@@ -201,3 +201,33 @@ def test_transfer_mistakes_exit_2(args, message, hymenoptera_root, tmp_path, cap
     code = main(["train", "--data", str(hymenoptera_root), *args, "--out", str(tmp_path / "runs"), "--no-progress"])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cached_features_keep_their_labels_when_a_streamed_file_fails(tmp_path, capsys):
+    """A streaming loader leaves out a file that does not decode while the features are extracted: every
+    feature row keeps its own image's label and path (a shifted label would pair images with wrong classes)."""
+    import csv
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 10), ("test", 4)):
+        for c, shade in (("a", 40), ("b", 210)):  # two classes a frozen random backbone can still tell apart
+            for i in range(n):
+                pixels = np.clip(rng.normal(shade, 20, (24, 24, 3)), 0, 255).astype(np.uint8)
+                (tmp_path / "d" / split / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(tmp_path / "d" / split / c / f"{i}.png")
+    (tmp_path / "d" / "test" / "a" / "0broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    imagenet, _ = build_imagenet_model("resnet18")
+    weights = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in imagenet.state_dict().items()}, str(weights))
+    run = _train(capsys, "--data", str(tmp_path / "d"), "--model", "resnet18", "--weights", str(weights),
+                 "--freeze", "--image-size", "32", "--input-size", "32", "--epochs", "2", "--batch-size", "8",
+                 "--out", str(tmp_path / "runs"), "--set", "data.loader=stream", "--set", "data.workers=0",
+                 "--set", "train.feature_engine=torch")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["data"]["rejected"] == 1 and s["test"]["n"] == 2 * 4
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(r["target"] == Path(r["path"]).parent.name for r in rows)
+    assert not any("broken" in r["path"] for r in rows)

@@ -98,11 +98,16 @@ def _state_key(model) -> str:
     return h.hexdigest()
 
 
-def _extract(engine, loader: Loader, flip: bool) -> np.ndarray:
-    parts = []
-    for x, _, _ in loader:
+def _extract(engine, loader: Loader, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(features, the loader's indices they belong to): a streaming loader leaves out files that do not
+    decode, so the features of image k are not always row k."""
+    parts, kept = [], []
+    for x, _, idx in loader:
         parts.append(engine(x.flip(3) if flip else x))
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        kept.append(idx.numpy())
+    if not parts:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(parts), np.concatenate(kept).astype(np.int64)
 
 
 def feature_loaders(model, loaders: Loaders, *, views: int, engine: str, batch_size: int, eval_batch_size: int,
@@ -120,9 +125,10 @@ def feature_loaders(model, loaders: Loaders, *, views: int, engine: str, batch_s
     jobs = [("train", v) for v in range(views)] + [("val", 0), ("test", 0)]
     record = {"engine": "cache", "seconds": 0.0, "images_per_second": 0.0, "cached": True}
     feats = {}
-    if all((folder / f"{s}-{v}.npy").is_file() for s, v in jobs):
+    if all((folder / f"{s}-{v}{part}.npy").is_file() for s, v in jobs for part in ("", "-index")):
         for s, v in jobs:
-            feats[s, v] = np.load(folder / f"{s}-{v}.npy", allow_pickle=False)
+            feats[s, v] = (np.load(folder / f"{s}-{v}.npy", allow_pickle=False),
+                           np.load(folder / f"{s}-{v}-index.npy", allow_pickle=False))
         log(f"features: loaded from the cache {folder}")
     else:
         ordered = {s: Loader(ld.source, ld.y, ld.paths, BATCH, loaders.mean, loaders.std)
@@ -140,8 +146,9 @@ def feature_loaders(model, loaders: Loaders, *, views: int, engine: str, batch_s
         log(f"features: {n:,} in {seconds:.1f} s ({n / seconds:.0f} images/s)")
         tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        for (s, v), f in feats.items():
+        for (s, v), (f, index) in feats.items():
             np.save(tmp / f"{s}-{v}.npy", f)
+            np.save(tmp / f"{s}-{v}-index.npy", index)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process wrote the same features first
@@ -149,10 +156,11 @@ def feature_loaders(model, loaders: Loaders, *, views: int, engine: str, batch_s
 
     def make(s: str, train: bool) -> Loader:
         ld = plain[s]
-        n_views = views if train else 1
-        x = torch.from_numpy(np.concatenate([feats[s, v] for v in range(n_views)]))
-        y = ld.y.repeat(n_views)
-        return Loader(MemorySource(x), y, list(ld.paths) * n_views, batch_size if train else eval_batch_size,
+        parts = [feats[s, v] for v in range(views if train else 1)]
+        x = torch.from_numpy(np.concatenate([f for f, _ in parts]))
+        y = torch.cat([ld.y[torch.from_numpy(index)] for _, index in parts])
+        paths = [ld.paths[i] for _, index in parts for i in index]
+        return Loader(MemorySource(x), y, paths, batch_size if train else eval_batch_size,
                       None, None, train=train, seed=seed)
 
     out = Loaders(make("train", True), make("val", False), make("test", False), loaders.classes, loaders.mean,
