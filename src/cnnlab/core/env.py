@@ -98,14 +98,14 @@ def git_sha() -> str:
 
 
 def env_info(device: torch.device | None = None) -> dict:
-    import torchvision
+    from importlib.metadata import version  # the installed torchvision's version, without a second import of it
 
     return {
         "cnnlab": cnnlab.__version__,
         "git_sha": git_sha(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": version("torchvision"),
         "numpy": np.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -140,7 +140,8 @@ class RunFolder:
     checkpoint = _File("checkpoint.safetensors")  # the whole training state, for --resume
     history = _File("history.csv")
     phases = _File("phases.json")  # the finished phases of a pretrained run
-    weights = _File("model.safetensors")  # the best weights so far: written only by train/run.py
+    weights = _File("model.safetensors")  # the best weights so far: written only by train/run.py:_save_model
+    best_head = _File("head.safetensors")  # the best head of a phase trained on cached backbone features
     model = _File("model.json")  # how to rebuild and feed the weights
     curves = _File("curves.png")
     predictions = _File("predictions.csv")

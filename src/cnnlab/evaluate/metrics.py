@@ -7,7 +7,6 @@ cross-entropy of the given probabilities; calibration error is computed here.
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as skm
 
 
 def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
@@ -30,6 +29,8 @@ def cross_entropy(targets: np.ndarray, probs: np.ndarray) -> float:
 
 def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """All test metrics for `summary.json` from integer targets and an (N, K) probability array."""
+    from sklearn import metrics as skm  # here, not at import: a second and a half every command would pay
+
     k = len(classes)
     labels = list(range(k))
     pred = probs.argmax(1)

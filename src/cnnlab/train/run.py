@@ -6,7 +6,7 @@ the phases (`fit`) -> the test evaluation -> summary.json and the report.
 Everything a user can get wrong is checked before the run folder exists. Once it exists, it holds
 what `cnnlab train --resume` needs at every moment; a signal is deferred while a file is being
 written and honoured at the next step; a run that fails says so (and why) in its summary.json.
-The best weights reach `model.safetensors` from one place, `_best_weights`.
+The best weights reach `model.safetensors` from one place, `_save_model`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from cnnlab.evaluate.evaluation import write_evaluation
 from cnnlab.evaluate.plots import plot_curves
 from cnnlab.evaluate.predict import inference_speed, predict_loader
 from cnnlab.evaluate.run_report import write_run_report
-from cnnlab.models.checkpoint import save_model
+from cnnlab.models.checkpoint import save_model, save_weights
 from cnnlab.models.summary import count_params, format_summary, summarize
 from cnnlab.train.checkpoints import load_checkpoint
 from cnnlab.train.distributed import DistInfo, barrier, broadcast, cleanup, device_for, setup
@@ -251,6 +251,8 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
                      dist=dist, run_info={**ctx.run_info, "phase": ph.name}, phase=ph.name, earlier=rows,
                      best=_best_weights(ctx, net))
         evaluator = (net.module if dist.active else net, ld.test)
+        if features is not None and result.best_epoch and dist.main:  # the backbone with the best head
+            _save_model(ctx)
         seconds = result.train_seconds + (features["seconds"] if features else 0.0)
         done.append({"name": ph.name, "lr": train_cfg.lr, "epochs": len(result.history), "status": result.status,
                      "best_epoch": result.best_epoch, "train_seconds": round(seconds, 3), "params_total": total,
@@ -283,21 +285,19 @@ def _phase_lr(ctx: RunContext, ph, net, loaders):
     return dataclasses.replace(ph.train, lr=found["suggestion"])
 
 
+def _save_model(ctx: RunContext) -> None:
+    """The one writer of model.safetensors (with its model.json): the whole model as it is now."""
+    save_model(ctx.model.net, ctx.folder.dir, ctx.meta)
+
+
 def _best_weights(ctx: RunContext, net: torch.nn.Module) -> BestWeights:
-    """The one writer of model.safetensors: the whole model (so also the backbone around a head trained on
-    features) and its model.json, each time `fit` finds a better epoch; read back into `net` on resume."""
-    model = ctx.model.net
+    """Where `fit` keeps the best epoch of `net`: model.safetensors when it trains the whole model; for a
+    head on cached features, head.safetensors (its backbone is frozen: rewriting a large backbone at every
+    better epoch would cost its size in writes each time), the whole model being written once the phase ends."""
     inner = net.module if isinstance(net, DistributedDataParallel) else net
-    name = next(n for n, m in model.named_modules() if m is inner)
-    prefix = f"{name}." if name else ""
-
-    def save() -> None:
-        save_model(model, ctx.folder.dir, ctx.meta)
-
-    def load() -> dict:
-        return {k[len(prefix):]: v for k, v in load_file(str(ctx.folder.weights)).items() if k.startswith(prefix)}
-
-    return BestWeights(save, load)
+    if inner is ctx.model.net:
+        return BestWeights(lambda: _save_model(ctx), lambda: load_file(str(ctx.folder.weights)))
+    return BestWeights(lambda: save_weights(inner, ctx.folder.best_head), lambda: load_file(str(ctx.folder.best_head)))
 
 
 def _combined(done: list[dict], message: str) -> FitResult:
