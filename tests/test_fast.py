@@ -53,22 +53,31 @@ def test_recipe_fills_only_what_the_user_left_out(tmp_path):
     assert (plain.train.optimizer, plain.train.batch_size) == ("adam", 64)  # other networks keep the defaults
 
 
-@pytest.fixture(scope="module")
-def fast_run(cifar_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fast")
-    # no --model: the default network with its recipe, on 4,500 real training images (batch 128: more steps)
-    code = main(["train", "--data", str(cifar_root), "--epochs", "10", "--batch-size", "128",
-                 "--out", str(out), "--no-progress", "--set", "data.limit_per_class=500"])
+def _train_default(cifar_root, out: Path, epochs: int, per_class: int) -> Path:
+    """A run with no --model: the default network with its recipe, on real CIFAR-10 images (batch 128)."""
+    code = main(["train", "--data", str(cifar_root), "--epochs", str(epochs), "--batch-size", "128",
+                 "--out", str(out), "--no-progress", "--set", f"data.limit_per_class={per_class}"])
     assert code == 0
     (folder,) = list(out.iterdir())
     return folder
 
 
-def test_fast_recipe_learns_on_a_few_thousand_images(fast_run):
+@pytest.fixture(scope="module")
+def fast_run(cifar_root, tmp_path_factory):
+    return _train_default(cifar_root, tmp_path_factory.mktemp("fast"), epochs=4, per_class=250)
+
+
+def test_fast_recipe_learns_on_two_thousand_images(fast_run):
     s = json.loads((fast_run / "summary.json").read_text())
     assert s["status"] == "completed", s.get("message")
     assert s["model"]["name"] == "fastnet" and s["train"]["optimizer"] == "sgd" and s["train"]["label_smoothing"] == 0.2
-    assert s["test"]["accuracy"] > 0.60, s["test"]["accuracy"]
+    assert s["test"]["accuracy"] > 0.40, s["test"]["accuracy"]  # chance is 0.10
+
+
+@pytest.mark.slow  # an accuracy target, not a behaviour: `pytest -m slow` (about 45 s on 2 cores)
+def test_fast_recipe_reaches_60_percent_on_4500_images(cifar_root, tmp_path):
+    s = json.loads((_train_default(cifar_root, tmp_path, epochs=10, per_class=500) / "summary.json").read_text())
+    assert s["status"] == "completed" and s["test"]["accuracy"] > 0.60, s["test"]["accuracy"]
 
 
 def test_fast_run_exports_with_its_tta(fast_run, tmp_path, capsys):
@@ -84,7 +93,7 @@ def test_bf16_training_learns(fast_run, cifar_root, tmp_path, capsys):
     run = fast_run  # precision auto trains in bf16 on such a CPU: that run is the bf16 run, unless it was forced off
     if json.loads((run / "summary.json").read_text())["precision"] != "bf16":
         code = main(["train", "--data", str(cifar_root), "--precision", "bf16", "--epochs", "4", "--batch-size",
-                     "128", "--out", str(tmp_path), "--no-progress", "--set", "data.limit_per_class=250"])
+                     "128", "--out", str(tmp_path), "--no-progress", "--set", "data.limit_per_class=250"])  # as fast_run
         assert code == 0, capsys.readouterr().err
         (run,) = list(tmp_path.iterdir())
     s = json.loads((run / "summary.json").read_text())

@@ -128,7 +128,6 @@ def _train_overrides(a) -> dict:
 
 
 def run(argv: list[str]) -> int:
-    # Over 60 lines on purpose: one short branch per command, a table of what each prints.
     args = build_parser().parse_args(argv)
     from cnnlab import api  # after parsing: `--help` and usage errors answer without importing torch
 
