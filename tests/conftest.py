@@ -57,3 +57,18 @@ def hymenoptera_root() -> Path:
     root = SHARED / "hymenoptera"
     assert (root / "train").is_dir(), f"the shared hymenoptera copy is missing at {root}"
     return root
+
+
+@pytest.fixture(scope="session")
+def trained(cifar_root, tmp_path_factory) -> Path:
+    """A small finished run (cnn_small, 1 epoch, 40 images per class and split) with its bundle, checked
+    against evaluation (`export --check`): shared read-only by the serving and predictor tests."""
+    from cnnlab.cli import main
+
+    out = tmp_path_factory.mktemp("trained")
+    code = main(["train", "--data", str(cifar_root), "--model", "cnn_small", "--epochs", "1", "--out", str(out),
+                 "--set", "data.limit_per_class=40", "--no-progress"])
+    assert code == 0
+    (run,) = list(out.iterdir())
+    assert main(["export", str(run), "--check"]) == 0
+    return run

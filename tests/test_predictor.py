@@ -15,21 +15,9 @@ import numpy as np
 import pytest
 from hostile import noise_rgb, png_bomb
 
-from cnnlab.cli import main
 from cnnlab.core.errors import UserError
 from cnnlab.evaluate.predict import Predictor
 from cnnlab.models.checkpoint import OnnxUnavailable, onnx_session
-
-
-@pytest.fixture(scope="module")
-def trained(cifar_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    code = main(["train", "--data", str(cifar_root), "--model", "cnn_small", "--epochs", "1", "--out", str(out),
-                 "--set", "data.limit_per_class=20", "--no-progress"])
-    assert code == 0
-    (run,) = list(out.iterdir())
-    assert main(["export", str(run)]) == 0
-    return run
 
 
 def _test_images(run: Path, root: Path, n: int) -> tuple[list[Path], np.ndarray, list[str]]:

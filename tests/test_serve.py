@@ -43,17 +43,6 @@ def _taken_port():
 
 
 @pytest.fixture(scope="module")
-def trained(cifar_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    code = main(["train", "--data", str(cifar_root), "--model", "cnn_small", "--epochs", "1", "--out", str(out),
-                 "--set", "data.limit_per_class=40", "--no-progress"])
-    assert code == 0
-    (run,) = list(out.iterdir())
-    assert main(["export", str(run), "--check"]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
 def server(trained):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(trained), "--port", str(port),
