@@ -165,7 +165,7 @@ def run(argv: list[str]) -> int:
         rows = api.models()
         width = max(len(name) for name, _, _ in rows)
         for name, size, description in rows:
-            print(f"{name:<{width}}  {size:>4}px  {description}" if size else f"{name:<{width}}  {description}")
+            print(f"{name:<{width}}  {f'{size:>4}px' if size else '':>6}  {description}")  # a family: its nets' own
     elif args.command == "export":
         print(f"bundle: {api.export(args.run, args.out, check=args.check)}")
     elif args.command == "serve":
