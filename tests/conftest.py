@@ -1,11 +1,16 @@
-"""Shared fixtures: a private cache per test session, the shared datasets read in place."""
+"""Shared fixtures: a private cache per test session, the shared datasets read in place, a trained run and
+the real server over it (shared by tests/test_serve.py and tests/test_openapi.py)."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # for tests/hostile.py
@@ -72,3 +77,39 @@ def trained(cifar_root, tmp_path_factory) -> Path:
     (run,) = list(out.iterdir())
     assert main(["export", str(run), "--check"]) == 0
     return run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(trained, tmp_path_factory):
+    """`cnnlab serve` over the trained run on 127.0.0.1 (1 MB body limit, 1 worker): its base URL."""
+    port = _free_port()
+    # its output to a file: a pipe nobody reads would block the server once full
+    output = open(tmp_path_factory.mktemp("server") / "output.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(trained), "--port", str(port),
+                             "--max-body-mb", "1", "--workers", "1", "--engine", "onnx"],  # fp32: evaluation's
+                            stdout=output, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # bounded wait for the model to load
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            output.seek(0)
+            pytest.fail(f"server exited: {output.read()}")
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server not ready in 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=15)
+    output.close()

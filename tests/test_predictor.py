@@ -29,7 +29,8 @@ def _test_images(run: Path, root: Path, n: int) -> tuple[list[Path], np.ndarray,
 
 def test_bundle_and_run_give_the_same_probabilities(trained, cifar_root):
     paths, ref, labels = _test_images(trained, cifar_root, 12)
-    run, bundle = Predictor.load(trained, log=pytest.fail), Predictor.load(trained / "bundle", log=pytest.fail)
+    # fp32 ONNX Runtime on the bundle, by name: auto may take a faster engine (tests/test_engines.py)
+    run, bundle = Predictor.load(trained, log=pytest.fail), Predictor.load(trained / "bundle", "onnx", log=pytest.fail)
     assert (run.kind, bundle.kind) == ("pytorch", "onnxruntime")  # auto: a run folder has no model.onnx
     assert run.info == {} and 0 < bundle.info["uncertain_below"] <= 1
     assert run.classes_ == bundle.classes_ == json.loads((trained / "summary.json").read_text())["classes"]
@@ -54,6 +55,7 @@ def test_a_failed_onnx_runtime_is_a_logged_fallback_or_an_error(trained, cifar_r
         raise OnnxUnavailable("InvalidGraph: broken on purpose")
 
     monkeypatch.setattr("cnnlab.evaluate.predict.onnx_session", broken)
+    monkeypatch.setenv("CNNLAB_CPU_BF16", "0")  # auto's choices all need ONNX Runtime (bf16, measured faster, does not)
     logs: list[str] = []
     p = Predictor.load(trained / "bundle", engine="auto", log=logs.append)
     assert p.kind == "pytorch"
@@ -63,7 +65,7 @@ def test_a_failed_onnx_runtime_is_a_logged_fallback_or_an_error(trained, cifar_r
         Predictor.load(trained / "bundle", engine="onnx", log=logs.append)
     with pytest.raises(UserError, match=r"has no model.onnx"):  # a run folder has no ONNX model to run
         Predictor.load(trained, engine="onnx")
-    with pytest.raises(UserError, match="engine 'tensorrt' is not one of auto, onnx, torch"):
+    with pytest.raises(UserError, match="engine 'tensorrt' is not one of auto, onnx, int8, bf16, torch"):
         Predictor.load(trained / "bundle", engine="tensorrt")
     assert len(logs) == 1
 
@@ -83,7 +85,7 @@ def test_preprocessing_is_read_from_model_json_only(trained, cifar_root, tmp_pat
     info = json.loads((bundle / "bundle.json").read_text())
     info["preprocessing"] = {"image_size": 7, "crop": 0.1, "mean": [9, 9, 9], "std": [100, 100, 100]}
     (bundle / "bundle.json").write_text(json.dumps(info))
-    p = Predictor.load(bundle, log=pytest.fail)
+    p = Predictor.load(bundle, "onnx", log=pytest.fail)
     meta = json.loads((bundle / "model.json").read_text())
     assert p.kind == "onnxruntime"
     assert p.preprocessing["mean"] == meta["mean"] and p.preprocessing["image_size"] == meta["image_size"]

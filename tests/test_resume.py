@@ -191,6 +191,9 @@ def test_two_process_ddp_matches_one_process(cifar_root, tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:  # the same global batches and data order: the same training, to float rounding
         assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5), (k, (w1[k] - w2[k]).abs().max())
+    # the temperature is fitted on the whole validation split, not on rank 0's shard of it
+    c1, c2 = (json.loads((r / "summary.json").read_text())["calibration"] for r in (run_one, run_two))
+    assert c1["fitted_on"] == c2["fitted_on"] and c1["temperature"] == pytest.approx(c2["temperature"], rel=1e-3)
 
 
 def test_resume_before_the_first_checkpoint_starts_again_in_place(cifar_root, tmp_path, capsys):

@@ -27,12 +27,6 @@ from cnnlab.cli import main
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _taken_port():
     """A port on 127.0.0.1 that another socket is bound to and listening on for as long as the block runs."""
@@ -42,30 +36,6 @@ def _taken_port():
         yield s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(trained), "--port", str(port),
-                             "--max-body-mb", "1", "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:  # bounded wait for the model to load
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server not ready in 90 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=15)
-
-
 def _test_rows(run: Path, n: int) -> list[dict]:
     return list(csv.DictReader(open(run / "predictions.csv")))[:n]
 
@@ -73,7 +43,7 @@ def _test_rows(run: Path, n: int) -> list[dict]:
 def test_bundle_has_every_file_and_its_hash(trained):
     folder = trained / "bundle"
     info = json.loads((folder / "bundle.json").read_text())
-    files = {"model.safetensors", "model.json", "model.onnx"}
+    files = {"model.safetensors", "model.json", "model.onnx", "model.int8.onnx"}
     assert {p.name for p in folder.iterdir()} == files | {"bundle.json"}  # nothing in it goes unhashed
     assert set(info["files"]) == files
     for name in files:  # the recorded digests against ones computed here, over the bytes on disk

@@ -58,7 +58,7 @@ STAGES = {  # stage: (module, function the signal comes in, which call)
     "before the first epoch": (cnnlab.train.run, "make_loaders", 1),
     "mid-epoch": (cnnlab.train.loop, "save_checkpoint", 1),  # the first mid-epoch checkpoint (step 4)
     "between epochs": (cnnlab.train.loop, "validate", 1),
-    "final evaluation": (cnnlab.train.run, "predict_loader", 1),
+    "final evaluation": (cnnlab.train.run, "calibrated_test", 1),
     "report writing": (cnnlab.train.run, "write_run_report", 1),
 }
 

@@ -11,6 +11,7 @@ Every user mistake is raised as `UserError` before anything is written.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,7 @@ def evaluate(run: str | Path, data: str | None = None, include_seen: bool = Fals
 
 def predict(run: str | Path, images: list[str]) -> list[dict]:
     """Class probabilities for each image file: [{path, prediction, probabilities}] or {path, error}."""
-    predictor = Predictor.load(run)
+    predictor = Predictor.load(run, log=lambda line: print(line, file=sys.stderr))  # stdout is the JSON answer
     out = []
     for path in _image_files(images):
         p = Path(path)
@@ -158,7 +159,8 @@ def export(run: str | Path, out: str | Path | None = None, check: bool = False, 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, threads: int = 1,
           engine: str = "auto", max_body: int = 10 * 2**20, api_key: str = "", log=print) -> None:
-    """Serve the page and REST API for a bundle, or for a run folder (exported to RUN/bundle first)."""
+    """Serve the page and REST API for a bundle, or for a run folder (exported to RUN/bundle first).
+    engine: auto | onnx | int8 | bf16 | torch, as `Predictor.load` takes it."""
     from cnnlab.serve.app import check_port, serve as _serve
 
     path = Path(path)

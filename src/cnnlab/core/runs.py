@@ -148,6 +148,7 @@ class RunFolder:
     metrics = _File("metrics.json")  # an evaluation folder's metrics (a run keeps them in summary.json)
     confusion = _File("confusion_matrix.png")
     misclassified = _File("misclassified.png")
+    reliability = _File("reliability.png")  # calibration on the test split, before and after the temperature
     summary = _File("summary.json")  # written last but the report: a run with one has ended or failed
     report = _File("report.html")
     report_md = _File("report.md")

@@ -222,6 +222,7 @@ class Loaders:
     image_size: int
     kind: str  # memory | stream
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out when built
+    val_all: object = None  # with several processes, the whole validation split (val is this rank's shard)
 
     def dropped(self) -> list[tuple[str, str]]:
         """(path, reason) of every file left out so far, once each: found when the loaders were built
@@ -295,11 +296,11 @@ def make_loaders(root: Path, split: Split, size: int, batch_size: int, eval_batc
             mean_std = _mean_std(torch.from_numpy(probe[[not e for e in errors]]))
         mean, std = mean_std
 
-    def make(s, train):
+    def make(s, train, whole=False):
         source, y, paths = parts[s]
-        shard = (rank, world) if s != "test" else (0, 1)  # rank 0 predicts the whole test split
+        shard = (rank, world) if s != "test" and not whole else (0, 1)  # rank 0 predicts the whole test split
         return Loader(source, y, paths, batch_size if train else eval_batch_size, mean, std, train=train,
                       augment=augment, pad=pad, seed=seed, rank=shard[0], world=shard[1])
 
     return Loaders(make("train", True), make("val", False), make("test", False), classes, mean, std, size, kind,
-                   rejected)
+                   rejected, make("val", False, whole=True) if world > 1 else None)

@@ -1,5 +1,8 @@
 """Write an evaluation: predictions.csv, metrics, the confusion matrix and misclassified images.
 
+`calibrated_test` (after training) fits the temperature on the validation split, predicts the test
+split with it and draws reliability.png; `cnnlab evaluate` applies the temperature model.json stores.
+
 `write_evaluation` is used after training (on the test split) and by `cnnlab evaluate`
 (`evaluate_run`, on the run's test split or on other images); it takes `Predictions` and returns
 the metrics dict that goes into `summary.json` (or an evaluation folder's metrics.json).
@@ -19,8 +22,9 @@ from cnnlab.data.decode import DecodeError, decode_image, fit_square
 from cnnlab.data.loaders import FileSource, Loader
 from cnnlab.data.sources import resolve_data, scan_folder
 from cnnlab.data.splits import Row, Split, load_split
+from cnnlab.evaluate.calibration import calibration_record, fit_temperature, reliability, softmax
 from cnnlab.evaluate.metrics import compute_metrics
-from cnnlab.evaluate.plots import plot_confusion_pair
+from cnnlab.evaluate.plots import plot_confusion_pair, plot_reliability
 from cnnlab.evaluate.predict import Predictions, predict_loader
 from cnnlab.models.checkpoint import load_model
 
@@ -30,6 +34,26 @@ def write_predictions(preds: Predictions, path: Path) -> Path:
     rows = ([p, preds.classes[t], preds.classes[int(np.argmax(pr))]] + [f"{v:.8g}" for v in pr]
             for p, t, pr in zip(preds.paths, preds.targets, preds.probs))
     return write_csv(path, header, rows)
+
+
+def calibrated_test(model, val_loader, test_loader, classes, device, out_dir: Path) -> tuple[Predictions, dict]:
+    """Fit the temperature on the validation split, then predict the test split with it.
+
+    Returns the test predictions (calibrated probabilities) and summary.json's calibration record;
+    writes reliability.png (the test split before and after) into `out_dir`.
+    """
+    val = predict_loader(model, val_loader, classes, device)
+    temperature, fitted_on = fit_temperature(val.logits, val.targets)
+    temperature = round(temperature, 6)  # as model.json stores it
+    test = predict_loader(model, test_loader, classes, device, temperature)
+    record = calibration_record(temperature, fitted_on, test.targets, test.logits)
+    if len(test.targets):
+        t = record["test"]
+        titles = (f"before: T = 1, ECE {t['ece_before']:.3f}", f"after: T = {temperature:.3f}, ECE {t['ece_after']:.3f}")
+        fig = plot_reliability(reliability(test.targets, softmax(test.logits)), reliability(test.targets, test.probs),
+                               titles)
+        save_figure(fig, RunFolder(out_dir).reliability)
+    return test, record
 
 
 def write_evaluation(preds: Predictions, data_root: Path, out_dir: Path, max_misclassified: int = 32) -> dict:
@@ -81,7 +105,7 @@ def evaluate_run(run: str | Path, data: str | None = None, include_seen: bool = 
     y = torch.tensor([classes.index(r.label) for r in rows], dtype=torch.long)
     test = Loader(FileSource(root, rows, meta["image_size"], workers=0, crop=meta.get("crop", 1.0)), y,
                   [r.path for r in rows], 64, meta["mean"], meta["std"])
-    preds = predict_loader(model, test, classes)
+    preds = predict_loader(model, test, classes, temperature=meta.get("temperature", 1.0))
     if not len(preds.targets):
         raise UserError(f"none of the {len(rows)} images in {root} decode; pass a folder of readable images "
                         f"(`cnnlab audit {root}` lists what is wrong)")

@@ -1,4 +1,4 @@
-"""Evaluation figures: training curves and the confusion matrix. Numbers in, figures out."""
+"""Evaluation figures: training curves, the confusion matrix, reliability diagrams. Numbers in, figures out."""
 
 from __future__ import annotations
 
@@ -64,6 +64,30 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: bool = 
                 ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="white" if shown[i, j] > top / 2 else "black")
     return ax.figure
+
+
+def plot_reliability(before: dict, after: dict, titles: tuple[str, str]):
+    """Reliability diagrams side by side: accuracy per confidence bin (bars) against the diagonal a
+    calibrated model follows; `before` and `after` are `evaluate.calibration.reliability` dicts."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, bins, title in zip(axes, (before, after), titles):
+        edges = bins["edges"]
+        width, seen = np.diff(edges), bins["count"] > 0
+        ax.bar(edges[:-1][seen], bins["accuracy"][seen], width[seen], align="edge", color="tab:blue",
+               edgecolor="white", label="accuracy")
+        ax.bar(edges[:-1][seen], (bins["confidence"] - bins["accuracy"])[seen], width[seen],
+               bottom=bins["accuracy"][seen], align="edge", color="tab:red", alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def plot_confusion_pair(cm: np.ndarray, classes: list[str]):

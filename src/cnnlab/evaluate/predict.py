@@ -6,8 +6,12 @@ with the model's own settings (model.json: image size, crop, mean, std) through 
 (`data.decode.load_array`) and the one normalisation (`data.augment.to_model_input`), so prediction
 and serving see images exactly as evaluation did.
 
-Engines: PyTorch, or ONNX Runtime on a bundle's model.onnx. `auto` takes ONNX Runtime where the
-folder has model.onnx and it loads and runs; a fallback to PyTorch is logged with its reason.
+Engines (`ENGINES`, see evaluate/engines.py): ONNX Runtime on a bundle's model.onnx (fp32) or
+model.int8.onnx, PyTorch fp32, or PyTorch under bf16 autocast where the CPU has bf16 hardware. All
+of them go through `predict_arrays`, so the temperature applies alike. `auto` takes the fastest
+engine that the bundle measured within 0.3 points of fp32's test accuracy; on a run folder, ONNX
+Runtime where the folder has model.onnx and it loads and runs; a fallback to PyTorch is logged
+with its reason.
 
 Threads: `threads` caps both PyTorch's and ONNX Runtime's intra-op pools (a server passes one per
 worker). PyTorch's default of one thread per core collapses a server to a few requests per second
@@ -17,6 +21,7 @@ shared by requests instead. None leaves both libraries' defaults.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,66 +29,104 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnlab.core.env import cpu_has_bf16
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import load_run
 from cnnlab.data.augment import to_model_input
 from cnnlab.data.decode import load_array
-from cnnlab.models.checkpoint import (BUNDLE_FILE, ONNX, OnnxUnavailable, load_bundle, load_model, onnx_session,
-                                     read_meta)
+from cnnlab.evaluate.engines import FP32, KINDS, NO_BF16, bf16_forward, choose_engine
+from cnnlab.models.checkpoint import (BUNDLE_FILE, INT8_ONNX, ONNX, OnnxUnavailable, load_bundle, load_model,
+                                     onnx_session, read_meta)
 
-ENGINES = ("auto", "onnx", "torch")
+ENGINES = ("auto", "onnx", "int8", "bf16", "torch")
+
+
+class _Unavailable(Exception):
+    """An engine that cannot run here: `why` (the cause, for auto's log line) and `message` (the cause and
+    what to do, for the UserError of an engine asked for by name)."""
+
+    def __init__(self, why: str, message: str):
+        super().__init__(message)
+        self.why, self.message = why, message
+
+
+def _runnable_here(engine: str) -> bool:
+    """Whether auto may pick `engine` on this CPU (bundle.json's figures were measured at export)."""
+    return engine != "bf16" or cpu_has_bf16()
+
+
+def _int8_file(folder: Path, info: dict | None) -> str:
+    """model.int8.onnx when this bundle lists it with its sha256 (an unlisted file is never run)."""
+    if info is None:
+        raise _Unavailable(f"{folder} is a run folder", f"{folder} is a run folder, without an int8 model; make a "
+                           "bundle with `cnnlab export RUN` and load that")
+    if INT8_ONNX not in info.get("files", {}):
+        why = info.get("engines", {}).get("int8", {}).get("error") or "exported before int8 engines existed"
+        raise _Unavailable(f"this bundle has no int8 model ({why})", f"this bundle has no int8 model ({why}); "
+                           "use --engine onnx or auto, or export the run again")
+    return INT8_ONNX
 
 
 @dataclass(frozen=True)
 class Predictions:
     paths: list[str]
     targets: np.ndarray  # (N,) int
-    probs: np.ndarray  # (N, K) float
+    probs: np.ndarray  # (N, K) float: softmax(logits / temperature)
     classes: tuple[str, ...]
     images_per_second: float
+    logits: np.ndarray  # (N, K) float: what the network put out, before any temperature
 
 
 @torch.no_grad()
-def predict_loader(model, loader, classes, device=torch.device("cpu")) -> Predictions:
-    """Softmax probabilities (fp32) for every batch of `loader`, with paths and targets."""
+def predict_loader(model, loader, classes, device=torch.device("cpu"), temperature: float = 1.0) -> Predictions:
+    """Logits and softmax probabilities (fp32, logits divided by `temperature`) for every batch of `loader`,
+    with paths and targets."""
     model.eval().to(device)
-    probs, targets, paths = [], [], []
+    logits, targets, paths = [], [], []
     start = time.perf_counter()
     for x, y, idx in loader:
-        probs.append(torch.softmax(model(x.to(device)).float(), 1).cpu())
+        logits.append(model(x.to(device)).float().cpu())
         targets.append(y)
         paths += [loader.paths[i] for i in idx.tolist()]
     seconds = time.perf_counter() - start
-    p = torch.cat(probs).double().numpy() if probs else np.zeros((0, len(classes)))
+    z = torch.cat(logits) if logits else torch.zeros(0, len(classes))
+    p = torch.softmax(z / temperature, 1).double().numpy()
     t = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64)
-    return Predictions(paths, t, p, tuple(classes), len(t) / seconds if seconds > 0 else 0.0)
+    return Predictions(paths, t, p, tuple(classes), len(t) / seconds if seconds > 0 else 0.0, z.double().numpy())
 
 
 @torch.no_grad()
-def inference_speed(model, image_size: int, device=torch.device("cpu"), batch: int = 32, singles: int = 15) -> dict:
-    """Latency at batch 1 (median ms per image) and throughput at `batch` (images/s) on random input."""
+def inference_speed(model, image_size: int, device=torch.device("cpu"), batch: int = 32, singles: int = 15,
+                    seconds: float = 1.0) -> dict:
+    """Latency at batch 1 (median ms per image) and throughput at up to `batch` images (images/s) on
+    random input, in about `seconds`: a large network gets fewer timed singles (at least 3) and a
+    smaller batch (recorded as `batch`), so that measuring a large network costs about a second, not ten."""
     model.eval().to(device)
     one = torch.randn(1, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-    many = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-    model(one), model(many)  # warm-up: first calls pick kernels
-    times = []
-    for _ in range(singles):
+    model(one)  # warm-up: the first call picks kernels
+    times: list[float] = []
+    while len(times) < singles and (len(times) < 3 or sum(times) < seconds / 2):
         start = time.perf_counter()
         model(one)
         times.append(time.perf_counter() - start)
+    batch = max(1, min(batch, int(seconds / 4 / max(min(times), 1e-6))))  # warm-up and timed call: ~seconds / 2
+    many = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    model(many)
     start = time.perf_counter()
     model(many)
-    seconds = time.perf_counter() - start
-    return {"latency_ms": round(1000 * float(np.median(times)), 3), "throughput": round(batch / seconds, 1),
+    took = time.perf_counter() - start
+    return {"latency_ms": round(1000 * float(np.median(times)), 3), "throughput": round(batch / took, 1),
             "batch": batch, "threads": torch.get_num_threads(), "device": str(device)}
 
 
 class Predictor:
     """A trained model ready to classify image files or bytes: `Predictor.load(run_or_bundle)`.
 
-    Attributes: `classes_` (class names in output order), `kind` ("onnxruntime" | "pytorch"), `meta`
-    (model.json), `info` (bundle.json; {} for a run folder), `folder`, `model` (the PyTorch module, None
-    under ONNX Runtime), `seconds` (one warm batch-1 inference, measured by `warm()`).
+    Attributes: `classes_` (class names in output order), `kind` (the engine, `engines.KINDS`: "onnxruntime"
+    (fp32), "onnxruntime-int8", "pytorch-bf16" or "pytorch"), `meta` (model.json), `info` (bundle.json; {}
+    for a run folder), `folder`, `model` (the PyTorch module, None under ONNX Runtime), `temperature`
+    (model.json's, fitted on validation data: every probability is softmax(logits / temperature)),
+    `seconds` (one warm batch-1 inference, measured by `warm()`).
     """
 
     def __init__(self, forward, meta: dict, kind: str, folder: Path, info: dict | None = None,
@@ -94,15 +137,23 @@ class Predictor:
         self.classes_ = list(meta["classes"])
         self.image_size, self.crop = int(meta["image_size"]), float(meta.get("crop", 1.0))
         self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
+        self.temperature = meta.get("temperature", 1.0)  # 1.0: a model saved before calibration
+        if not isinstance(self.temperature, (int, float)) or not 0 < self.temperature < float("inf"):
+            raise UserError(f"{folder / 'model.json'}: temperature {self.temperature!r} is not a positive number; "
+                            "restore the file (or export the run again)")
         self.seconds = 0.0
 
     @classmethod
     def load(cls, path: str | Path, engine: str = "auto", threads: int | None = None, log=print) -> "Predictor":
         """The model in `path`: a bundle folder (every file's sha256 checked) or a finished run folder.
 
-        engine: "torch", "onnx" (ONNX Runtime on the folder's model.onnx, or a UserError saying why not),
-        or "auto" (ONNX Runtime when the folder has a model.onnx that loads and runs, else PyTorch; a
-        fallback is logged with its reason). threads: intra-op threads (None: the libraries' defaults).
+        engine: "onnx" (ONNX Runtime fp32 on model.onnx), "int8" (ONNX Runtime on a bundle's model.int8.onnx),
+        "bf16" (PyTorch under bf16 autocast, where the CPU has AMX or AVX512-BF16), "torch" (PyTorch fp32):
+        each a UserError saying why and what to do where it cannot run. "auto": on a bundle, the fastest
+        engine whose test accuracy (measured at export, in bundle.json) is within 0.3 points of fp32's and
+        that is at least 1.1x as fast, said in one log line (`engines.choose_engine`); on a run folder, ONNX
+        Runtime where there is a model.onnx, else PyTorch. A failed ONNX Runtime under auto falls back to PyTorch, logged with its reason.
+        threads: intra-op threads (None: the libraries' defaults).
         """
         if engine not in ENGINES:
             raise UserError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
@@ -114,27 +165,62 @@ class Predictor:
         meta = read_meta(folder)
         if threads is not None:
             torch.set_num_threads(threads)  # also for the normalisation: idle pool threads spin on shared cores
-        onnx = folder / ONNX
-        if engine != "torch":
-            why = f"{folder} has no {ONNX}"
-            if onnx.is_file():
-                size = int(meta["image_size"])
-                try:
-                    session = onnx_session(onnx, threads, probe=(1, 3, size, size))
-                except OnnxUnavailable as e:
-                    why = str(e)
-                else:
-                    def run_onnx(x: torch.Tensor) -> torch.Tensor:
-                        return torch.from_numpy(session.run(None, {"x": np.ascontiguousarray(x.numpy())})[0])
+        if engine == "auto":
+            return cls._auto(folder, meta, info, threads, log)
+        try:
+            return cls._build(engine, folder, meta, info, threads)
+        except _Unavailable as e:
+            raise UserError(f"engine {engine}: {e.message}") from None
 
-                    return cls(run_onnx, meta, "onnxruntime", folder, info)
-            if engine == "onnx":
-                raise UserError(f"engine onnx: ONNX Runtime cannot be used ({why}); serve a bundle made by "
-                                "`cnnlab export RUN` where onnxruntime is installed, or use --engine torch")
-            if onnx.is_file():  # a folder without one (a run folder) has only PyTorch: nothing to say
-                log(f"engine: ONNX Runtime unavailable ({why}); using PyTorch")
-        model, meta = load_model(folder)
-        return cls(model, meta, "pytorch", folder, info, model)
+    @classmethod
+    def _auto(cls, folder: Path, meta: dict, info: dict | None, threads: int | None, log) -> "Predictor":
+        """The measured choice on a bundle (fp32 ONNX Runtime where it cannot run), else PyTorch."""
+        name, why = choose_engine(info["engines"], _runnable_here) if info and info.get("engines") else (FP32, "")
+        failed: list[tuple[str, str]] = []  # (engine, why) for each that would not run here
+        for candidate in dict.fromkeys((name, FP32)):
+            try:
+                predictor = cls._build(candidate, folder, meta, info, threads)
+            except _Unavailable as e:
+                failed.append((candidate, e.why))
+                continue
+            if failed:
+                log(f"engine: {candidate} (fp32: {failed[0][0]} will not run here: {failed[0][1]})")
+            elif why:
+                log(f"engine: {why}")
+            return predictor
+        if (folder / ONNX).is_file():  # a folder without one (a run folder) has only PyTorch: nothing to say
+            log(f"engine: ONNX Runtime unavailable ({failed[-1][1]}); using PyTorch")
+        return cls._build("torch", folder, meta, info, threads)
+
+    @classmethod
+    def _build(cls, engine: str, folder: Path, meta: dict, info: dict | None, threads: int | None) -> "Predictor":
+        """The Predictor on `engine`; raises _Unavailable (why, and what to do) where it cannot run."""
+        if engine in ("torch", "bf16"):
+            if engine == "bf16" and not cpu_has_bf16():
+                forced = " (CNNLAB_CPU_BF16=0 says so)" if os.environ.get("CNNLAB_CPU_BF16") == "0" else ""
+                raise _Unavailable(NO_BF16 + forced, f"{NO_BF16}{forced}; use --engine auto, int8 or onnx")
+            model, meta = load_model(folder)
+            try:
+                forward = bf16_forward(model, int(meta["image_size"])) if engine == "bf16" else model
+            except Exception as e:  # TorchScript cannot trace every model: no bf16 engine for it, said why
+                why = f"the bf16 trace failed ({type(e).__name__}: {str(e)[:160]})"
+                raise _Unavailable(why, f"{why}; use --engine auto, onnx or torch") from None
+            return cls(forward, meta, KINDS[engine], folder, info, model)
+        name = ONNX if engine == "onnx" else _int8_file(folder, info)
+        size = int(meta["image_size"])
+        try:
+            if not (folder / name).is_file():
+                raise OnnxUnavailable(f"{folder} has no {name}")
+            session = onnx_session(folder / name, threads, probe=(1, 3, size, size))
+        except OnnxUnavailable as e:
+            advice = ("serve a bundle made by `cnnlab export RUN` where onnxruntime is installed, or use --engine "
+                      "torch" if engine == "onnx" else "use --engine onnx or torch")
+            raise _Unavailable(str(e), f"ONNX Runtime cannot be used ({e}); {advice}") from None
+
+        def run_onnx(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {"x": np.ascontiguousarray(x.numpy())})[0])
+
+        return cls(run_onnx, meta, KINDS[engine], folder, info)
 
     @property
     def preprocessing(self) -> dict:
@@ -149,9 +235,9 @@ class Predictor:
 
     @torch.no_grad()
     def predict_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """(N, K) float64 class probabilities for decoded images (softmax in fp32, as evaluation)."""
+        """(N, K) float64 calibrated class probabilities for decoded images (softmax in fp32, as evaluation)."""
         x = to_model_input(torch.from_numpy(np.stack(arrays)), self.mean, self.std)
-        return torch.softmax(self._forward(x).float(), 1).double().numpy()
+        return torch.softmax(self._forward(x).float() / self.temperature, 1).double().numpy()
 
     def predict_proba(self, images) -> np.ndarray:
         """(N, K) class probabilities for image paths or raw bytes (raises DecodeError on bad ones)."""

@@ -15,7 +15,8 @@ import yaml
 from cnnlab.core.runs import RunFolder, atomic_write, load_json, read_csv
 
 FIGURES = [(RunFolder.class_distribution, "Data: images per class and split"), (RunFolder.curves, "Training curves"),
-           (RunFolder.confusion, "Confusion matrix"), (RunFolder.misclassified, "Misclassified test images")]
+           (RunFolder.confusion, "Confusion matrix"), (RunFolder.misclassified, "Misclassified test images"),
+           (RunFolder.reliability, "Calibration: reliability on the test split, before and after temperature scaling")]
 
 
 SPLITS = ("train", "val", "test")  # the split values of split.csv (cnnlab.data.splits)
@@ -83,6 +84,11 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     if model.get("weights_source"):
         run.append(["starting weights", f"{model['weights_source']}"
                     + (f" (sha256 {model['weights_sha256'][:16]})" if model.get("weights_sha256") else "")])
+    cal = summary.get("calibration")
+    if cal:
+        t = cal["test"]
+        run.append(["calibration", f"temperature {cal['temperature']:.3f} ({cal['fitted_on']}); test ECE "
+                    f"{t['ece_before']:.4f} -> {t['ece_after']:.4f}, NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f}"])
     if summary.get("message"):
         run.append(["note", summary["message"]])
     phases = [[d["name"], f"{d['lr']:g}", str(d["epochs"]), d["status"], f"{d['train_seconds']:.1f}",

@@ -2,8 +2,9 @@
 
 `model.json` holds the registry name and arguments, the classes in order and the preprocessing
 (image size, mean, std), so a run folder alone rebuilds the model; nothing is ever unpickled.
-A bundle is the same two files plus the whole model in ONNX and `bundle.json` with every file's
-sha256 (`load_bundle` checks them); `onnx_session` is the one ONNX Runtime set-up.
+A bundle is the same two files plus the whole model in ONNX (fp32, and int8 where it quantizes) and
+`bundle.json` with every file's sha256 (`load_bundle` checks them); `onnx_session` is the one ONNX
+Runtime set-up.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from cnnlab.models.registry import create_model
 
 BUNDLE_FILE = "bundle.json"  # classes, metrics, the "uncertain" threshold, every file's sha256
 ONNX = "model.onnx"  # the whole model (logits) in ONNX, any batch size
-BUNDLE_FILES = (RunFolder.weights, RunFolder.model, ONNX)  # the files of a bundle that bundle.json hashes
+INT8_ONNX = "model.int8.onnx"  # the same, statically quantized to int8 (absent where the quantizer failed)
+BUNDLE_FILES = (RunFolder.weights, RunFolder.model, ONNX, INT8_ONNX)  # the files of a bundle that bundle.json hashes
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> Path:

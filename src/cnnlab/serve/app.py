@@ -4,7 +4,9 @@ The model is loaded and warmed once per worker at start-up; `/readyz` says so. E
 through the training decoder in a worker thread, so a slow or hostile image never blocks the
 event loop, and every way an upload can be wrong is a 4xx with a message: 413 over the body limit
 (counted as the bytes arrive, so a chunked body cannot slip past it) or for a decompression bomb,
-415 for bytes that are not an image, 422 for a damaged one.
+415 for bytes that are not an image, 422 for a damaged one. `/openapi.json` documents every answer
+(the models in serve/schemas.py) and every status; the request bodies, read by hand for speed, are
+described to it in `openapi_extra`.
 """
 
 from __future__ import annotations
@@ -22,11 +24,42 @@ from starlette.requests import ClientDisconnect
 from cnnlab.data.decode import DecodeError, ImageTooLarge, NotAnImage
 from cnnlab.evaluate.predict import Predictor
 from cnnlab.models.checkpoint import bundle_folder
+from cnnlab.serve.schemas import Alive, BatchAnswer, ErrorBody, Loading, ModelInfo, Prediction, Ready
 
 MAX_BODY = 10 * 2**20
+# uvicorn's settings for `cnnlab serve` (benchmarks/serve_load.py runs its bare HTTP ceiling app with the same):
+# "auto" takes uvloop and httptools, both installed with cnnlab
+UVICORN = {"loop": "auto", "http": "auto", "log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 5}
 MAX_BATCH = 64
 INLINE_BYTES, INLINE_SECONDS = 256 * 1024, 0.003  # below both, an upload is classified on the event loop
 KNOWN_PATHS = {"/", "/livez", "/readyz", "/model", "/predict", "/predict/batch", "/metrics", "/docs", "/openapi.json"}
+
+# For /openapi.json: why each route answers each error status (every error body is {"detail": str}), and the
+# request bodies.
+BAD_BODY = "bad Content-Length, a malformed multipart body (or too many files or fields in it), or a body that ended early"
+LOADING = "the model is still loading"
+PREDICT_ERRORS = {400: BAD_BODY, 413: "body over the size limit, or an image over the pixel limit (decompression bomb)",
+                  415: "not an image, or an empty upload", 422: "a damaged image, or no file in multipart field `file`",
+                  503: LOADING}
+BATCH_ERRORS = {400: BAD_BODY, 413: "body over the size limit", 415: "not a multipart form",
+                422: "no files in multipart fields `files`", 503: LOADING}
+# Non-empty: an empty body is refused (415); bytes that are no image are still answered 415 or 422.
+IMAGE = {"type": "string", "format": "binary", "minLength": 1}
+# A form's other text fields are ignored, up to _form's 16 (more is a 400); a file in any other field is a 400.
+OTHER_FIELDS = {"additionalProperties": {"type": "string"}, "maxProperties": 17}
+PREDICT_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": IMAGE}, "required": ["file"],
+                                       **OTHER_FIELDS},
+                            "encoding": {"file": {"contentType": "image/*"}}},
+    "image/*": {"schema": IMAGE},  # a raw body: the image bytes (the Content-Type is not needed to decode them)
+    "application/octet-stream": {"schema": IMAGE}}}
+BATCH_BODY = {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["files"], **OTHER_FIELDS, "properties": {
+        # any bytes per file, even none: a file that is no image gets its own error item in the 200 answer
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                  "maxItems": MAX_BATCH}}},
+    "encoding": {"files": {"contentType": "image/*"}}}}}
+API_KEY_SCHEME = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
 
 
 class BodyLimit:
@@ -90,6 +123,11 @@ def _status_for(error: DecodeError) -> int:
     return 422
 
 
+def _errors(why: dict[int, str]) -> dict:
+    """`responses=` for these error statuses, each with the error body."""
+    return {status: {"model": ErrorBody, "description": why[status]} for status in sorted(why)}
+
+
 def create_app(path: str | None = None, engine: str | None = None, threads: int | None = None,
                max_body: int | None = None, api_key: str | None = None) -> FastAPI:
     """The app for the bundle (or run folder) at `path`; unset arguments come from CNNLAB_SERVE_* variables."""
@@ -114,6 +152,18 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
         yield
 
     app = FastAPI(title="cnnlab", summary="Upload an image, get every class's probability.", lifespan=lifespan)
+    # 401 and the X-API-Key scheme are documented only where they apply: when this app has a key
+    guarded = {"security": [{"apiKey": []}]} if api_key else {}
+    unauthorised = {401: "missing or wrong X-API-Key header"} if api_key else {}
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = FastAPI.openapi(app)  # caches it in app.openapi_schema
+            if api_key:
+                doc.setdefault("components", {})["securitySchemes"] = {"apiKey": API_KEY_SCHEME}
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(Metrics, requests=requests, latency=latency)  # outermost: sees every answer
 
@@ -132,7 +182,7 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
         top = order[0]
         return {"prediction": classes[top], "probability": round(float(probs[top]), 6),
                 "uncertain": bool(probs[top] < predictor.info.get("uncertain_below", 0.0)),
-                "probabilities": {classes[k]: float(probs[k]) for k in order}}
+                "probabilities": {classes[k]: float(probs[k]) for k in order}, "model": predictor.meta["model_name"]}
 
     async def _classify(predictor: Predictor, data: bytes) -> dict:
         if not data:
@@ -160,24 +210,32 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     async def page():
         return resources.files("cnnlab.serve").joinpath("page.html").read_text()
 
-    @app.get("/livez")
+    @app.get("/livez", response_model=Alive)
     async def livez():
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Ready,
+             responses={503: {"model": Loading, "description": LOADING}})
     async def readyz():
         if state["predictor"] is None:
             return JSONResponse({"status": "loading"}, 503)
         return {"status": "ready", "engine": state["predictor"].kind}
 
-    @app.get("/model")
+    # documented, not validated per request: its open parts (metrics, engines) are bundle.json's, and a key a
+    # newer exporter writes there should reach clients rather than turn /model into a 500 (the fuzzer flags it)
+    @app.get("/model", responses={200: {"model": ModelInfo, "description": "the model and its bundle's record"},
+                                  **_errors({503: LOADING})})
     async def model_info():
         predictor = _predictor()
-        keys = ("model_name", "metrics", "uncertain_below", "threshold_from", "cnnlab_version", "split_sha256", "run")
+        keys = ("model_name", "metrics", "uncertain_below", "threshold_from", "cnnlab_version", "split_sha256", "run",
+                "engines")
         return {"classes": predictor.classes_, **{k: predictor.info.get(k) for k in keys},
-                "preprocessing": predictor.preprocessing, "engine": predictor.kind}
+                "preprocessing": predictor.preprocessing, "temperature": predictor.temperature, "engine": predictor.kind}
 
-    @app.post("/predict")
+    # response_model: validated, then serialised by pydantic's core straight to JSON bytes, which is faster
+    # than FastAPI's jsonable_encoder that a plain dict goes through
+    @app.post("/predict", response_model=Prediction, responses=_errors({**PREDICT_ERRORS, **unauthorised}),
+              openapi_extra={"requestBody": PREDICT_BODY, **guarded})
     async def predict(request: Request):
         """One image: a multipart form with the file in field `file`, or the raw image bytes as the body."""
         _authorised(request)
@@ -195,7 +253,8 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
                 raise HTTPException(400, "the request body ended early") from None
         return await _classify(predictor, data)
 
-    @app.post("/predict/batch")
+    @app.post("/predict/batch", response_model=BatchAnswer, responses=_errors({**BATCH_ERRORS, **unauthorised}),
+              openapi_extra={"requestBody": BATCH_BODY, **guarded})
     async def predict_batch(request: Request):
         """Several images as multipart fields named `files`; one answer (or error) per image, in order."""
         _authorised(request)
@@ -259,16 +318,21 @@ def check_port(host: str, port: int) -> None:
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, threads: int = 1,
           engine: str = "auto", max_body: int = MAX_BODY, api_key: str = "", log=print) -> None:
-    """Run uvicorn with `workers` processes, each loading the bundle once."""
+    """Run uvicorn with `workers` processes, each loading the bundle once on the same engine."""
     import uvicorn
 
     from cnnlab.core.errors import UserError
+    from cnnlab.evaluate.engines import KINDS
     from cnnlab.models.checkpoint import load_bundle
 
     folder, info = load_bundle(path)  # a bad bundle fails here, before any worker starts
     if not 1 <= workers <= 64:
         raise UserError("--workers must be between 1 and 64")
     check_port(host, port)  # before the URL is announced: a taken port is one clear error, not a log line
+    # an engine that cannot run here is one clear error now, not a traceback per worker; auto's choice is
+    # said once and every worker runs the engine it chose
+    kind = Predictor.load(folder, engine, threads, log=log).kind
+    engine = next(name for name, k in KINDS.items() if k == kind)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
     os.environ.update({"CNNLAB_SERVE_PATH": str(folder), "CNNLAB_SERVE_ENGINE": engine,
@@ -276,5 +340,4 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1
                        "CNNLAB_SERVE_API_KEY": api_key})
     log(f"serving {info['model_name']} ({len(info['classes'])} classes) from {folder} on http://{host}:{port}/ "
         f"with {workers} worker(s)")
-    uvicorn.run("cnnlab.serve.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.run("cnnlab.serve.app:create_app", factory=True, host=host, port=port, workers=workers, **UVICORN)

@@ -1,8 +1,9 @@
-"""The deployable bundle: weights (safetensors and ONNX), and one JSON that says how to use them.
+"""The deployable bundle: weights (safetensors, ONNX fp32 and int8), and one JSON that says how to use them.
 
 `bundle.json` holds the classes in order, the metrics, the split manifest's hash, the "uncertain"
-threshold chosen on validation data, the cnnlab version, the sha256 of every file, and a copy of
-the preprocessing for people (the model itself is fed from model.json, as everywhere). `load_bundle`
+threshold chosen on validation data, the cnnlab version, the sha256 of every file, each engine's
+measured test accuracy, agreement with fp32 and speed (serve/engines.py: `auto` chooses by them),
+and a copy of the preprocessing for people (the model itself is fed from model.json, as everywhere). `load_bundle`
 (in models/checkpoint.py, beside the other model files, so that the Predictor can read a bundle
 without importing this module) checks every hash before anything is used; nothing is unpickled.
 """
@@ -19,7 +20,8 @@ from cnnlab import __version__
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import RunFolder, atomic_write, load_run, read_csv, save_json, sha256_file
 from cnnlab.evaluate.predict import Predictor
-from cnnlab.models.checkpoint import BUNDLE_FILE, BUNDLE_FILES, ONNX, load_bundle, to_onnx
+from cnnlab.models.checkpoint import BUNDLE_FILE, BUNDLE_FILES, INT8_ONNX, ONNX, load_bundle, to_onnx
+from cnnlab.serve.engines import engine_lines, even_sample, measure_engines, quantize_int8
 
 __all__ = ["BUNDLE_FILE", "check", "export", "load_bundle", "uncertainty_threshold"]  # the reader is in checkpoint
 MAX_THRESHOLD_IMAGES = 2000  # validation images used to choose the "uncertain" threshold
@@ -39,7 +41,7 @@ def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
 
 def _val_threshold(run: RunFolder, predictor: Predictor) -> tuple[float, int]:
     rows = [r for r in read_csv(run.split) if r["split"] == "val"]
-    rows = rows[:: max(1, len(rows) // MAX_THRESHOLD_IMAGES)]  # an even sample keeps export quick on big models
+    rows = even_sample(rows, MAX_THRESHOLD_IMAGES)  # keeps export quick on big models
     root = Path(run.read_summary()["data"]["root"])
     conf, correct = [], []
     for i in range(0, len(rows), 64):
@@ -72,6 +74,8 @@ def export(run: str | Path, out: str | Path | None = None, log=print) -> Path:
     shutil.copyfile(run.model, folder / RunFolder.model)
     size = meta["image_size"]  # the whole model (logits), any batch size
     atomic_write(folder / ONNX, to_onnx(model, torch.zeros(1, 3, size, size), "logits", dynamic_batch=True))
+    root = Path(summary["data"]["root"])
+    int8 = quantize_int8(folder, run, predictor, root)  # {"error": why} where the quantizer cannot
     threshold, n_val = _val_threshold(run, predictor)
     test = summary.get("test") or {}
     info = {"format": "cnnlab-bundle-1", "cnnlab_version": __version__, "run": run.dir.name,
@@ -79,11 +83,19 @@ def export(run: str | Path, out: str | Path | None = None, log=print) -> Path:
             "preprocessing": predictor.preprocessing,  # a copy for people: the Predictor reads model.json
             "metrics": {k: test[k] for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss", "n")
                         if k in test},
-            "uncertain_below": round(threshold, 4), "threshold_from": f"{n_val} validation images (Youden's J)",
+            "uncertain_below": round(threshold, 4),
+            "threshold_from": f"{n_val} validation images (Youden's J"
+                              + (", on calibrated probabilities)" if "temperature" in meta else ")"),
+            "temperature": predictor.temperature,  # what the served probabilities are divided by
             "split_sha256": meta.get("split_sha256", ""),
-            "files": {name: sha256_file(folder / name) for name in BUNDLE_FILES}}
+            "files": {name: sha256_file(folder / name) for name in BUNDLE_FILES
+                      if name != INT8_ONNX or (folder / name).is_file()}}
+    save_json(folder / BUNDLE_FILE, info)  # first without measurements: the engines load through load_bundle
+    info["engines"], info["engines_measured"] = measure_engines(folder, run, int8, root)
     save_json(folder / BUNDLE_FILE, info)
     log(f"bundle: {folder} (uncertain below {threshold:.3f}, from {n_val} validation images)")
+    for line in engine_lines(info["engines"], info["engines_measured"]):
+        log(line)
     return folder
 
 
@@ -92,7 +104,7 @@ def check(folder: Path, run: str | Path | RunFolder, log=print, chunk: int = 256
     run = load_run(run.dir if isinstance(run, RunFolder) else run)
     rows = read_csv(run.predictions)
     root = Path(run.read_summary()["data"]["root"])
-    predictor = Predictor.load(folder)
+    predictor = Predictor.load(folder, engine="onnx")  # fp32, which must equal evaluation; int8 and bf16 are measured
     classes = predictor.classes_
     err = 0.0
     for i in range(0, len(rows), chunk):  # in chunks: 10,000 images at 224 px would not fit in memory at once

@@ -28,9 +28,9 @@ from cnnlab.core.figures import plot_class_counts, save_figure
 from cnnlab.core.runs import RunFolder, atomic_write, load_json, new_run_dir, read_csv, save_json, write_csv
 from cnnlab.data.loaders import Loaders, make_loaders
 from cnnlab.data.splits import Split, manifest_hash, save_split
-from cnnlab.evaluate.evaluation import write_evaluation
+from cnnlab.evaluate.evaluation import calibrated_test, write_evaluation
 from cnnlab.evaluate.plots import plot_curves
-from cnnlab.evaluate.predict import inference_speed, predict_loader
+from cnnlab.evaluate.predict import inference_speed
 from cnnlab.evaluate.run_report import write_run_report
 from cnnlab.models.checkpoint import save_model, save_weights
 from cnnlab.models.summary import count_params, format_summary, summarize
@@ -217,13 +217,13 @@ def _model_meta(model: ModelSetup, split: Split, loaders: Loaders, run_info: dic
 def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
     """Run each phase's fit; a resumed run skips the phases it finished.
 
-    Returns the result over all phases, the phases' records, and the evaluator: (module, test
-    loader), the full model on images or the head on cached features.
+    Returns the result over all phases, the phases' records, and the evaluator: (module, loaders
+    with its val and test splits), the full model on images or the head on cached features.
     """
     model, folder, dist = ctx.model.net, ctx.folder, ctx.dist
     done = load_json(folder.phases) if folder.phases.is_file() else []
     rows = [r for d in done for r in d["history"]]
-    result, evaluator = None, (model, ctx.loaders.test)
+    result, evaluator = None, (model, ctx.loaders)
     for ph in ctx.model.phases:
         if any(d["name"] == ph.name for d in done):
             continue
@@ -250,7 +250,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
                      log=ctx.log, progress=ctx.progress, resume=ctx.checkpoint if saved_phase == ph.name else None,
                      dist=dist, run_info={**ctx.run_info, "phase": ph.name}, phase=ph.name, earlier=rows,
                      best=_best_weights(ctx, net))
-        evaluator = (net.module if dist.active else net, ld.test)
+        evaluator = (net.module if dist.active else net, ld)
         if features is not None and result.best_epoch and dist.main:  # the backbone with the best head
             _save_model(ctx)
         seconds = result.train_seconds + (features["seconds"] if features else 0.0)
@@ -259,7 +259,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
                      "params_trainable": trainable, "features": features, "history": result.history})
         if result.best_epoch == 0 and len(done) > 1:  # nothing better than the earlier phase: keep its weights
             load_saved(model, folder)
-            evaluator = (model, ctx.loaders.test)
+            evaluator = (model, ctx.loaders)
         if result.status not in ("completed", "early_stopped"):
             break
         if dist.main:
@@ -267,7 +267,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
         rows = rows + result.history
     if result is None:  # every phase had finished (a resume after the last epoch): the saved model is the result
         load_saved(model, folder)
-        evaluator = (model, ctx.loaders.test)
+        evaluator = (model, ctx.loaders)
     return _combined(done, result.message if result else ""), done, evaluator
 
 
@@ -286,7 +286,8 @@ def _phase_lr(ctx: RunContext, ph, net, loaders):
 
 
 def _save_model(ctx: RunContext) -> None:
-    """The one writer of model.safetensors (with its model.json): the whole model as it is now."""
+    """The one writer of model.safetensors (with its model.json, which `_finish` completes with the
+    temperature): the whole model as it is now."""
     save_model(ctx.model.net, ctx.folder.dir, ctx.meta)
 
 
@@ -332,8 +333,12 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
     if result.history:
         save_figure(plot_curves(result.history, title=ctx.model.name), folder.curves)
     if result.best_epoch and result.status != "interrupted":
-        preds = predict_loader(evaluator[0], evaluator[1], split.classes, ctx.device)
+        net, ld = evaluator  # the temperature is fitted on the whole validation split, as the test split is predicted
+        preds, summary["calibration"] = calibrated_test(net, ld.val_all or ld.val, ld.test, split.classes, ctx.device,
+                                                        folder.dir)
         summary["test"] = write_evaluation(preds, ctx.root, folder.dir)
+        ctx.meta["temperature"] = summary["calibration"]["temperature"]
+        save_json(folder.model, ctx.meta)  # model.json beside the weights written last: now with the temperature
     dropped = ctx.loaders.dropped()  # streaming meets undecodable files only as it reads them: all are known now
     summary["data"]["rejected"] = len(dropped)
     if len(dropped) > len(ctx.loaders.rejected):

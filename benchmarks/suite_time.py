@@ -1,0 +1,68 @@
+"""How long the test suite takes here, beside how fast this machine multiplies matrices.
+
+    python benchmarks/suite_time.py [--fp32]     # --fp32: CNNLAB_CPU_BF16=0, the path of a CPU without bf16
+
+The suite's target (at most 6 minutes of tests on 2 cores) was set on machines whose fp32 matmul
+ran at 150-440 GFLOP/s; the same kind of cloud machine has been seen at half that, so the matmul
+rates measured just before the run are recorded with it. Writes the wall time, the counts and the
+ten slowest tests into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import update_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_rates(n: int = 2048, repeats: int = 20) -> dict[str, float]:
+    """GFLOP/s of an n x n matmul in fp32 and bf16 with torch's default threads (the best of 3 rounds)."""
+    import torch
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best = 0.0
+        for _ in range(3):
+            a @ b
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+        out[str(dtype).removeprefix("torch.")] = best
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fp32", action="store_true", help="force the no-bf16 path (CNNLAB_CPU_BF16=0)")
+    args = ap.parse_args()
+    rates = matmul_rates()
+    env = {**os.environ, **({"CNNLAB_CPU_BF16": "0"} if args.fp32 else {})}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    lines = done.stdout.splitlines()
+    counts = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ (passed|failed)", line)), "?")
+    slowest = [line for line in lines if re.match(r"^\d+\.\d+s (call|setup|teardown) ", line)]
+    print(done.stdout[-3000:])
+    body = [f"Precision path: {'fp32 forced (CNNLAB_CPU_BF16=0)' if args.fp32 else 'the CPU own (auto)'}.  ",
+            f"Matmul just before, 2048 x 2048: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} "
+            "GFLOP/s.  ", f"Suite: {counts}; {wall / 60:.1f} min wall (exit {done.returncode}).", "",
+            "Ten slowest:", "", "```", *slowest, "```"]
+    update_section("suite_time" + ("_fp32" if args.fp32 else ""), "\n".join(body))
+    sys.exit(done.returncode)
+
+
+if __name__ == "__main__":
+    main()
