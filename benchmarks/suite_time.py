@@ -56,7 +56,8 @@ def main() -> None:
     counts = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ (passed|failed)", line)), "?")
     slowest = [line for line in lines if re.match(r"^\d+\.\d+s (call|setup|teardown) ", line)]
     print(done.stdout[-3000:])
-    body = [f"Precision path: {'fp32 forced (CNNLAB_CPU_BF16=0)' if args.fp32 else "the CPU's own (auto)"}.  ",
+    path = "fp32 forced (CNNLAB_CPU_BF16=0)" if args.fp32 else "the CPU's own (auto)"
+    body = [f"Precision path: {path}.  ",
             f"Matmul just before, 2048 x 2048: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} "
             "GFLOP/s.  ", f"Suite: {counts}; {wall / 60:.1f} min wall (exit {done.returncode}).", "",
             "Ten slowest:", "", "```", *slowest, "```"]
