@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import SHARED_CIFAR10, machine, update_section  # noqa: E402
 
 from cnnlab.core.env import cpu_has_bf16  # noqa: E402
-from cnnlab.evaluate.engines import choose_engine  # noqa: E402
+from cnnlab.evaluate.engines import choose_engine, runnable_here  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent / "serve"
@@ -112,7 +112,7 @@ def _export(run: Path) -> dict:
 
 
 def _auto(info: dict) -> str:
-    return choose_engine(info.get("engines", {}), lambda n: n != "bf16" or cpu_has_bf16())[0]
+    return choose_engine(info.get("engines", {}), runnable_here)[0]
 
 
 def _servers(run: Path, info: dict, workers: int) -> list[tuple[str, str, object]]:
@@ -120,7 +120,7 @@ def _servers(run: Path, info: dict, workers: int) -> list[tuple[str, str, object
     servers = [("naive", "naive: FastAPI + PyTorch eager, 1 worker, default threads",
                 lambda p: [sys.executable, str(HERE / "naive_server.py"), str(run), str(p)])]
     for engine, what in ENGINES.items():
-        if "latency_ms" not in info.get("engines", {}).get(engine, {}) or (engine == "bf16" and not cpu_has_bf16()):
+        if "latency_ms" not in info.get("engines", {}).get(engine, {}) or not runnable_here(engine):
             continue
         mark = " (auto's choice)" if engine == _auto(info) else ""
         servers.append((engine, f"cnnlab serve --engine {engine}{mark}: {what}, {workers} workers, 1 thread each",

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from cnnlab.cli import main
-from cnnlab.evaluate.calibration import fit_temperature, reliability
+from cnnlab.evaluate.calibration import fit_temperature
+from cnnlab.evaluate.metrics import reliability
 from cnnlab.evaluate.predict import Predictor
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from cnnlab.core.env import cpu_has_bf16
 from cnnlab.core.errors import UserError
-from cnnlab.evaluate.engines import KINDS, choose_engine
+from cnnlab.evaluate.engines import KINDS, choose_engine, runnable_here
 from cnnlab.evaluate.predict import Predictor
 
 
@@ -43,7 +43,7 @@ def _with_engines(trained: Path, tmp_path: Path, engines: dict) -> Path:
 
 def _auto_kind(bundle: Path) -> str:
     """What auto must run on `bundle` here, by the rule (tested on its own below)."""
-    return KINDS[choose_engine(_info(bundle)["engines"], lambda n: n != "bf16" or cpu_has_bf16())[0]]
+    return KINDS[choose_engine(_info(bundle)["engines"], runnable_here)[0]]
 
 
 def _m(accuracy: float, latency_ms: float) -> dict:
@@ -109,7 +109,7 @@ def test_auto_takes_the_fastest_engine_within_0_3_points_of_fp32():
 def test_auto_on_a_bundle_follows_its_measurements_in_one_line(trained, tmp_path, monkeypatch):
     logs: list[str] = []
     p = Predictor.load(trained / "bundle", log=logs.append)
-    why = choose_engine(_info(trained / "bundle")["engines"], lambda n: n != "bf16" or cpu_has_bf16())[1]
+    why = choose_engine(_info(trained / "bundle")["engines"], runnable_here)[1]
     assert p.kind == _auto_kind(trained / "bundle") and logs == [f"engine: {why}"]
     bundle = _with_engines(trained, tmp_path, {"onnx": _m(0.5, 1.0), "int8": _m(0.499, 0.4), "bf16": _m(0.5, 0.1)})
     monkeypatch.setenv("CNNLAB_CPU_BF16", "0")  # bf16 measured fastest, but this CPU (as told) has none

@@ -46,23 +46,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits, dtype=torch.float32) / temperature, 1).double().numpy()
 
 
-def reliability(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:
-    """Per equal-width confidence bin: mean confidence, accuracy and image count (empty bins: NaN)."""
-    conf, correct = probs.max(1), probs.argmax(1) == targets
-    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)  # (lo, hi] bins, as the ECE counts
-    count = np.bincount(which, minlength=bins)
-    with np.errstate(invalid="ignore"):
-        confidence = np.bincount(which, conf, bins) / count
-        accuracy = np.bincount(which, correct.astype(float), bins) / count
-    return {"edges": np.linspace(0, 1, bins + 1), "confidence": confidence, "accuracy": accuracy, "count": count}
-
-
-def calibration_record(temperature: float, fitted_on: str, test_targets: np.ndarray, test_logits: np.ndarray) -> dict:
-    """What summary.json says of calibration: T, where it was fitted, and the test split's ECE and NLL
-    before (T = 1) and after."""
-    before, after = softmax(test_logits), softmax(test_logits, temperature)
+def calibration_record(temperature: float, fitted_on: str, test_targets: np.ndarray, before: np.ndarray,
+                       after: np.ndarray) -> dict:
+    """What summary.json says of calibration: T, where it was fitted, and the test split's ECE, NLL and
+    accuracy from its probabilities before (T = 1) and after."""
     n = max(1, len(test_targets))
-    return {"temperature": round(temperature, 6), "fitted_on": fitted_on,
+    return {"temperature": temperature, "fitted_on": fitted_on,
             "test": {"ece_before": expected_calibration_error(test_targets, before),
                      "ece_after": expected_calibration_error(test_targets, after),
                      "nll_before": cross_entropy(test_targets, before),

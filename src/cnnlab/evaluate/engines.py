@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from cnnlab.core.env import cpu_has_bf16
+
 FP32 = "onnx"  # the reference every faster engine is measured against
 KINDS = {"onnx": "onnxruntime", "int8": "onnxruntime-int8", "bf16": "pytorch-bf16", "torch": "pytorch"}
 MAX_ACCURACY_DROP = 0.003  # 0.3 points of test accuracy: what `auto` may give up for speed
@@ -38,6 +40,11 @@ def bf16_forward(model: torch.nn.Module, image_size: int):
             return frozen(x)
 
     return forward
+
+
+def runnable_here(engine: str) -> bool:
+    """Whether auto may pick `engine` on this CPU (bundle.json's figures were measured at export)."""
+    return engine != "bf16" or cpu_has_bf16()
 
 
 def _usable(row: dict | None) -> bool:

@@ -22,8 +22,8 @@ from cnnlab.data.decode import DecodeError, decode_image, fit_square
 from cnnlab.data.loaders import FileSource, Loader
 from cnnlab.data.sources import resolve_data, scan_folder
 from cnnlab.data.splits import Row, Split, load_split
-from cnnlab.evaluate.calibration import calibration_record, fit_temperature, reliability, softmax
-from cnnlab.evaluate.metrics import compute_metrics
+from cnnlab.evaluate.calibration import calibration_record, fit_temperature, softmax
+from cnnlab.evaluate.metrics import compute_metrics, reliability
 from cnnlab.evaluate.plots import plot_confusion_pair, plot_reliability
 from cnnlab.evaluate.predict import Predictions, predict_loader
 from cnnlab.models.checkpoint import load_model
@@ -46,12 +46,12 @@ def calibrated_test(model, val_loader, test_loader, classes, device, out_dir: Pa
     temperature, fitted_on = fit_temperature(val.logits, val.targets)
     temperature = round(temperature, 6)  # as model.json stores it
     test = predict_loader(model, test_loader, classes, device, temperature)
-    record = calibration_record(temperature, fitted_on, test.targets, test.logits)
+    before = softmax(test.logits)
+    record = calibration_record(temperature, fitted_on, test.targets, before, test.probs)
     if len(test.targets):
         t = record["test"]
         titles = (f"before: T = 1, ECE {t['ece_before']:.3f}", f"after: T = {temperature:.3f}, ECE {t['ece_after']:.3f}")
-        fig = plot_reliability(reliability(test.targets, softmax(test.logits)), reliability(test.targets, test.probs),
-                               titles)
+        fig = plot_reliability(reliability(test.targets, before), reliability(test.targets, test.probs), titles)
         save_figure(fig, RunFolder(out_dir).reliability)
     return test, record
 

@@ -9,17 +9,23 @@ from __future__ import annotations
 import numpy as np
 
 
+def reliability(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:
+    """Per equal-width (lo, hi] bin of top-1 confidence: mean confidence, accuracy and image count
+    (NaN for an empty bin); the reliability diagram's numbers and the ECE's."""
+    conf, correct = probs.max(1), probs.argmax(1) == targets
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore"):
+        confidence = np.bincount(which, conf, bins) / count
+        accuracy = np.bincount(which, correct.astype(float), bins) / count
+    return {"edges": np.linspace(0, 1, bins + 1), "confidence": confidence, "accuracy": accuracy, "count": count}
+
+
 def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
     """Weighted mean |accuracy - confidence| over equal-width confidence bins."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == targets
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (conf > lo) & (conf <= hi)
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)
+    r = reliability(targets, probs, bins)
+    seen = r["count"] > 0
+    return float((r["count"][seen] * np.abs(r["accuracy"][seen] - r["confidence"][seen])).sum() / max(1, len(targets)))
 
 
 def cross_entropy(targets: np.ndarray, probs: np.ndarray) -> float:

@@ -68,7 +68,7 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: bool = 
 
 def plot_reliability(before: dict, after: dict, titles: tuple[str, str]):
     """Reliability diagrams side by side: accuracy per confidence bin (bars) against the diagonal a
-    calibrated model follows; `before` and `after` are `evaluate.calibration.reliability` dicts."""
+    calibrated model follows; `before` and `after` are `evaluate.metrics.reliability` dicts."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     for ax, bins, title in zip(axes, (before, after), titles):

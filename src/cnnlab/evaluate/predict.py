@@ -34,7 +34,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.core.runs import load_run
 from cnnlab.data.augment import to_model_input
 from cnnlab.data.decode import load_array
-from cnnlab.evaluate.engines import FP32, KINDS, NO_BF16, bf16_forward, choose_engine
+from cnnlab.evaluate.engines import FP32, KINDS, NO_BF16, bf16_forward, choose_engine, runnable_here
 from cnnlab.models.checkpoint import (BUNDLE_FILE, INT8_ONNX, ONNX, OnnxUnavailable, load_bundle, load_model,
                                      onnx_session, read_meta)
 
@@ -48,11 +48,6 @@ class _Unavailable(Exception):
     def __init__(self, why: str, message: str):
         super().__init__(message)
         self.why, self.message = why, message
-
-
-def _runnable_here(engine: str) -> bool:
-    """Whether auto may pick `engine` on this CPU (bundle.json's figures were measured at export)."""
-    return engine != "bf16" or cpu_has_bf16()
 
 
 def _int8_file(folder: Path, info: dict | None) -> str:
@@ -122,17 +117,19 @@ def inference_speed(model, image_size: int, device=torch.device("cpu"), batch: i
 class Predictor:
     """A trained model ready to classify image files or bytes: `Predictor.load(run_or_bundle)`.
 
-    Attributes: `classes_` (class names in output order), `kind` (the engine, `engines.KINDS`: "onnxruntime"
-    (fp32), "onnxruntime-int8", "pytorch-bf16" or "pytorch"), `meta` (model.json), `info` (bundle.json; {}
+    Attributes: `classes_` (class names in output order), `engine` ("onnx", "int8", "bf16" or "torch", as
+    `--engine` names it), `kind` (what runs it, `engines.KINDS`: "onnxruntime" (fp32), "onnxruntime-int8",
+    "pytorch-bf16" or "pytorch"), `meta` (model.json), `info` (bundle.json; {}
     for a run folder), `folder`, `model` (the PyTorch module, None under ONNX Runtime), `temperature`
     (model.json's, fitted on validation data: every probability is softmax(logits / temperature)),
     `seconds` (one warm batch-1 inference, measured by `warm()`).
     """
 
-    def __init__(self, forward, meta: dict, kind: str, folder: Path, info: dict | None = None,
+    def __init__(self, forward, meta: dict, engine: str, folder: Path, info: dict | None = None,
                  model: torch.nn.Module | None = None):
         self._forward = forward  # normalised float32 (N, 3, S, S) in channels_last -> logits (N, K)
-        self.meta, self.kind, self.folder, self.model = meta, kind, folder, model
+        self.engine, self.kind = engine, KINDS[engine]
+        self.meta, self.folder, self.model = meta, folder, model
         self.info = info if info is not None else {}
         self.classes_ = list(meta["classes"])
         self.image_size, self.crop = int(meta["image_size"]), float(meta.get("crop", 1.0))
@@ -175,7 +172,7 @@ class Predictor:
     @classmethod
     def _auto(cls, folder: Path, meta: dict, info: dict | None, threads: int | None, log) -> "Predictor":
         """The measured choice on a bundle (fp32 ONNX Runtime where it cannot run), else PyTorch."""
-        name, why = choose_engine(info["engines"], _runnable_here) if info and info.get("engines") else (FP32, "")
+        name, why = choose_engine(info["engines"], runnable_here) if info and info.get("engines") else (FP32, "")
         failed: list[tuple[str, str]] = []  # (engine, why) for each that would not run here
         for candidate in dict.fromkeys((name, FP32)):
             try:
@@ -205,7 +202,7 @@ class Predictor:
             except Exception as e:  # TorchScript cannot trace every model: no bf16 engine for it, said why
                 why = f"the bf16 trace failed ({type(e).__name__}: {str(e)[:160]})"
                 raise _Unavailable(why, f"{why}; use --engine auto, onnx or torch") from None
-            return cls(forward, meta, KINDS[engine], folder, info, model)
+            return cls(forward, meta, engine, folder, info, model)
         name = ONNX if engine == "onnx" else _int8_file(folder, info)
         size = int(meta["image_size"])
         try:
@@ -220,7 +217,7 @@ class Predictor:
         def run_onnx(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {"x": np.ascontiguousarray(x.numpy())})[0])
 
-        return cls(run_onnx, meta, KINDS[engine], folder, info)
+        return cls(run_onnx, meta, engine, folder, info)
 
     @property
     def preprocessing(self) -> dict:

@@ -322,7 +322,6 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1
     import uvicorn
 
     from cnnlab.core.errors import UserError
-    from cnnlab.evaluate.engines import KINDS
     from cnnlab.models.checkpoint import load_bundle
 
     folder, info = load_bundle(path)  # a bad bundle fails here, before any worker starts
@@ -331,8 +330,7 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1
     check_port(host, port)  # before the URL is announced: a taken port is one clear error, not a log line
     # an engine that cannot run here is one clear error now, not a traceback per worker; auto's choice is
     # said once and every worker runs the engine it chose
-    kind = Predictor.load(folder, engine, threads, log=log).kind
-    engine = next(name for name, k in KINDS.items() if k == kind)
+    engine = Predictor.load(folder, engine, threads, log=log).engine
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
     os.environ.update({"CNNLAB_SERVE_PATH": str(folder), "CNNLAB_SERVE_ENGINE": engine,
