@@ -1,9 +1,11 @@
-"""Shared fixtures: a private cache per test session, the shared datasets read in place, a trained run and
-the real server over it (shared by tests/test_serve.py and tests/test_openapi.py)."""
+"""Shared fixtures: a private cache per test session, the shared datasets read in place, a trained run, the
+real server over it (shared by tests/test_serve.py, tests/test_explain_serve.py and tests/test_openapi.py)
+and headless Chromium for the page tests."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -113,3 +115,35 @@ def server(trained, tmp_path_factory):
     proc.terminate()
     proc.wait(timeout=15)
     output.close()
+
+
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+@pytest.fixture
+def chrome():
+    """Headless Chromium driven by selenium (a 900 x 1000 window): skipped where Debian's chromium and
+    chromium-driver are missing, but a failure under CI=true, where the page must be tested."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        missing = " and ".join(n for n, p in (("chromium", chromium), ("chromedriver", chromedriver)) if not p)
+        why = f"{missing} not found on PATH: install Debian's chromium and chromium-driver (make browser does, as root)"
+        if _under_ci():  # in CI the page must be tested: a missing browser is a broken runner, not a skip
+            pytest.fail(f"CI is set and {why}")
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--window-size=900,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=opts)
+    try:
+        driver.set_page_load_timeout(30)
+        yield driver
+    finally:
+        driver.quit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import re
@@ -73,6 +74,12 @@ def test_report_table_matches_the_runs_summaries(study):
     links = re.findall(r"href='#(r\d+-\d+-\d+)'", html)
     assert links and all(f"id='{a}'" in html for a in links)
     assert "data:image/jpeg;base64," in html
+    # each run's galleries with their maps, from its own files; the best run's shown open
+    assert "What the networks looked at" in html
+    for name, run in runs.items():
+        if (run / "confident.png").is_file():
+            assert base64.b64encode((run / "confident.png").read_bytes()).decode() in html, name
+    assert html.count("<details open>") == 1
     # the best run is the one with the best validation accuracy at its best epoch (history.csv), not on test
     val = {}
     for name, run in runs.items():

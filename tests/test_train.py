@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -19,7 +20,7 @@ from cnnlab.cli import main
 from cnnlab.core.config import load_config
 
 RUN_FILES = ["config.yaml", "env.json", "log.txt", "split.csv", "history.csv", "model.safetensors", "model.json",
-             "summary.json", "predictions.csv", "curves.png", "confusion_matrix.png", "misclassified.png",
+             "summary.json", "predictions.csv", "curves.png", "confusion_matrix.png", "misclassified.png", "confident.png",
              "class_distribution.png", "report.html", "report.md"]
 
 
@@ -62,7 +63,10 @@ def test_run_folder_is_complete(run):
     assert {r["split"] for r in split} == {"train", "val", "test"}
     assert sum(r["split"] == "test" for r in split) == 400
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 4 and "src='http" not in html
+    assert html.count("data:image/png;base64,") >= 6 and "src='http" not in html
+    for gallery in ("misclassified.png", "confident.png"):  # each embedded as the run folder holds it
+        assert base64.b64encode((run / gallery).read_bytes()).decode() in html, gallery
+    assert "where the network looked (Grad-CAM)" in html
     umask = os.umask(0)
     os.umask(umask)
     assert (run / "summary.json").stat().st_mode & 0o777 == 0o666 & ~umask  # the mode any new file gets

@@ -3,6 +3,7 @@
     audit   data/audit.py           train   train/run.py        lr_find  train/lr_find.py
     study   train/study.py + report report  report/collect.py   evaluate evaluate/evaluation.py
     predict evaluate/predict.py     export  serve/bundle.py     serve    serve/app.py
+    explain evaluate/explain.py (through the Predictor)
 
 Data flows one way through a run: config -> data and split -> model -> run folder -> loaders ->
 fit -> evaluation on the test split -> summary.json and report (train/run.py reads in that order).
@@ -19,11 +20,13 @@ import numpy as np
 from cnnlab.core import signals
 from cnnlab.core.config import Config, load_config, set_dotted  # noqa: F401 (the CLI reads configs through the API)
 from cnnlab.core.errors import UserError
-from cnnlab.core.runs import RunFolder, load_run
+from cnnlab.core.figures import image_grid
+from cnnlab.core.runs import RunFolder, atomic_write, load_run, new_run_dir
 from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write_audit
 from cnnlab.data.decode import DecodeError, is_image_name
 from cnnlab.data.sources import resolve_data, scan_folder
 from cnnlab.evaluate.evaluation import evaluate_run
+from cnnlab.evaluate.explain import DEFAULT_METHOD, check_method, display_side, overlay
 from cnnlab.evaluate.predict import Predictor
 from cnnlab.models import create_model, get_entry, list_families, list_models
 from cnnlab.models import weights as _weights
@@ -128,6 +131,51 @@ def predict(run: str | Path, images: list[str]) -> list[dict]:
         out.append({"path": str(path), "prediction": predictor.classes_[order[0]],
                     "probabilities": {predictor.classes_[i]: round(float(probs[i]), 6) for i in order}})
     return out
+
+
+def explain(run: str | Path, images: list[str], target: str | None = None, method: str = DEFAULT_METHOD,
+            layer: str | None = None, out: str | Path | None = None) -> tuple[Path | None, list[dict]]:
+    """A PNG per image (the image as the model saw it, and beside it the class-activation map of the predicted
+    class, or of `target`) with every class's probability: [{path, explained, probabilities, png}] or
+    {path, error}. Written into `out` (default RUN/explanations/<time>-explain/), which is made only once
+    an image has been explained; returns it (None when none was) and the results."""
+    check_method(method)
+    predictor = Predictor.load(run, log=lambda line: print(line, file=sys.stderr))
+    if target is not None:
+        predictor.class_index(target)  # an unknown class is one error, before any image
+    results, pngs = [], {}
+    for path in _image_files(images):
+        p = Path(path)
+        if not p.is_file():
+            results.append({"path": str(path), "error": "a folder with no image files in it" if p.is_dir()
+                            else "file not found"})
+            continue
+        try:
+            explanation, probs = predictor.explain(p, target, method, layer)
+        except DecodeError as e:
+            results.append({"path": str(path), "error": f"not a usable image: {e}"})
+            continue
+        name = predictor.classes_[explanation.target]
+        side = display_side(predictor.image_size)
+        picture = explanation.image.transpose(1, 2, 0)
+        png = f"{p.stem}.png" if f"{p.stem}.png" not in pngs else f"{p.stem}-{len(pngs)}.png"
+        pngs[png] = image_grid([picture, overlay(explanation.image, explanation.cam, side)],
+                               [f"{p.name[:40]}\nas the model sees it", f"{method}, layer {explanation.layer}\n"
+                                f"map of {name} ({probs[explanation.target]:.2f})"], ncols=2, side=side)
+        order = np.argsort(-probs)
+        results.append({"path": str(path), "explained": name, "method": method, "layer": explanation.layer,
+                        "probabilities": {predictor.classes_[i]: round(float(probs[i]), 6) for i in order},
+                        "png": png})
+    if not pngs:
+        return None, results
+    folder = Path(out) if out else new_run_dir(RunFolder(predictor.folder).explanations, "explain")
+    folder.mkdir(parents=True, exist_ok=True)
+    for png, data in pngs.items():
+        atomic_write(folder / png, data)
+    for r in results:
+        if "png" in r:
+            r["png"] = str(folder / r["png"])
+    return folder, results
 
 
 def _image_files(paths: list[str]) -> list[str]:

@@ -23,6 +23,8 @@ def _train_parser(sub, command: str = "train", help: str = "train and evaluate a
     p.add_argument("--data", help="image folder, .zip/.tar(.gz) archive, or cifar10 / digits")
     p.add_argument("--model", help="registry name (see `cnnlab models`)")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--time-budget", metavar="DURATION", help="e.g. 5m: the whole run, evaluation included, planned "
+                   "to end within it (cnnlab picks the epochs, and the fastnet width when no --model is named)")
     p.add_argument("--lr", help="learning rate, or auto (a range test picks it)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", help="adam | adamw | sgd")
@@ -46,6 +48,18 @@ def _train_parser(sub, command: str = "train", help: str = "train and evaluate a
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=0.01")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="class-activation maps: a PNG per image of where the network looked")
+    p.add_argument("run", metavar="RUN_OR_BUNDLE")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--class", dest="target", metavar="C", help="map this class (name or index; default: the "
+                   "predicted one)")
+    p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++, xgradcam, layercam, "
+                   "smoothgradcam++ or scorecam")
+    p.add_argument("--layer", help="the layer to map (a module name; default: the deepest with a 6 x 6 grid or finer)")
+    p.add_argument("--out", help="folder for the PNGs (default RUN/explanations/<time>-explain)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files with a trained run; prints JSON")
     p.add_argument("run")
     p.add_argument("images", nargs="+")
+    _explain_parser(sub)
     p = sub.add_parser("export", help="write a deployable bundle: safetensors + ONNX + bundle.json with hashes")
     p.add_argument("run")
     p.add_argument("--out", help="bundle folder (default RUN/bundle)")
@@ -122,7 +137,8 @@ def _train_overrides(a) -> dict:
              "data.split_file": a.split, "out": a.out, "tag": a.tag, "model.pretrained": a.pretrained,
              "model.weights": a.weights, "model.init": a.init, "model.input_size": a.input_size,
              "model.head": a.head, "train.freeze": a.freeze, "train.unfreeze": a.unfreeze,
-             "train.finetune_lr": a.finetune_lr, "train.finetune_epochs": a.finetune_epochs}
+             "train.finetune_lr": a.finetune_lr, "train.finetune_epochs": a.finetune_epochs,
+             "train.time_budget": a.time_budget}
     out: dict = {}
     for key, value in flags.items():
         if value is not None:
@@ -158,12 +174,9 @@ def run(argv: list[str]) -> int:
     elif args.command == "predict":
         results = api.predict(args.run, args.images)
         print(json.dumps(results, indent=2))
-        bad = [r for r in results if "error" in r]
-        if bad:
-            print(f"cnnlab: error: {len(bad)} of {len(results)} images could not be classified "
-                  f"({bad[0]['path']}: {bad[0]['error']}); pass image files (JPEG, PNG, ...) or folders of them",
-                  file=sys.stderr)
-            return 2
+        return _failed_images(results, "classified")
+    elif args.command == "explain":
+        return _explain(api, args)
     elif args.command == "models":
         rows = api.models()
         width = max(len(name) for name, _, _ in rows)
@@ -183,6 +196,28 @@ def run(argv: list[str]) -> int:
                 print(f"{name}: {api.weights_fetch(name)}")
     elif args.command == "summary":
         print(api.summary(args.model, args.image_size, args.num_classes))
+    return 0
+
+
+def _explain(api, args) -> int:
+    folder, results = api.explain(args.run, args.images, args.target, args.method, args.layer, args.out)
+    for r in results:
+        if "error" not in r:
+            print(f"{r['path']}: map of {r['explained']} -> {r['png']}")
+            print("  " + "  ".join(f"{c} {v:.4f}" for c, v in r["probabilities"].items()))
+    if folder:
+        print(f"explanations: {folder}")
+    return _failed_images(results, "explained")
+
+
+def _failed_images(results: list[dict], verb: str) -> int:
+    """2 with one line on stderr when any image failed (each result with an `error`), else 0."""
+    bad = [r for r in results if "error" in r]
+    if bad:
+        print(f"cnnlab: error: {len(bad)} of {len(results)} images could not be {verb} "
+              f"({bad[0]['path']}: {bad[0]['error']}); pass image files (JPEG, PNG, ...) or folders of them",
+              file=sys.stderr)
+        return 2
     return 0
 
 

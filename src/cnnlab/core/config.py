@@ -9,6 +9,7 @@ silently falls back to a default. Variants (sweeps) are `dataclasses.replace` co
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training and validation passes (pays on GPUs; slower on small CPUs)
     eval_batch_size: int = 512
     checkpoint_steps: int = 0  # also checkpoint every this many steps inside an epoch; 0 = at epoch ends only
+    # e.g. 5m, 90s, 1h30m: the whole run, evaluation included, planned to end within it: cnnlab measures its
+    # training rate here and picks the epochs (and, when no model is named, the fastnet width; train/budget.py)
+    time_budget: str = ""
     # two phases for pretrained backbones: frozen (train.lr, train.epochs), then fine-tuning
     freeze: bool = False  # phase 1: backbone frozen, only the new head trains
     unfreeze: str = ""  # fine-tune the last N blocks or "all"; "" = no fine-tuning after a frozen phase
@@ -174,6 +178,28 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}"""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+MAX_BUDGET_EPOCHS = 100  # the most epochs a time budget plans (train/budget.py) or grows a run to (train/loop.py)
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in "300", "90s", "5m", "1.5h", "1h30m" (None when it is not a positive duration)."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", str(text))
+    if not parts or not any(parts.groups()):
+        return None
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    return total if total > 0 else None
+
+
 def validate(cfg: Config) -> Config:
     """Reject values no run could use, naming the field and the valid choices."""
     for key, choices in CHOICES.items():
@@ -197,6 +223,8 @@ def validate(cfg: Config) -> Config:
         (0 < t.gamma <= 1, "train.gamma must be in (0, 1]"),
         (t.threads >= 0, "train.threads must not be negative"),
         (t.checkpoint_steps >= 0, "train.checkpoint_steps must not be negative"),
+        (not t.time_budget or parse_duration(t.time_budget) is not None,
+         f"train.time_budget {t.time_budget!r} is not a duration; write it as 300, 90s, 5m, 1.5h or 1h30m"),
         (0 < d.val_fraction < 1, "data.val_fraction must be between 0 and 1"),
         (0 < d.test_fraction < 1, "data.test_fraction must be between 0 and 1"),
         (d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be below 1"),
@@ -337,6 +365,15 @@ def config_to_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_epochs(path: Path, epochs: int) -> None:
+    """Rewrite a run's config.yaml with `train.epochs` changed (a time budget re-planned them), so a resume
+    follows the schedule the run has."""
+    from cnnlab.core.runs import atomic_write
+
+    used = load_config(path)
+    atomic_write(path, dump_config(dataclasses.replace(used, train=dataclasses.replace(used.train, epochs=epochs))))
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -52,27 +52,30 @@ def plot_class_counts(counts: dict[str, dict[str, int]], ax=None, title: str = "
     return ax.figure
 
 
-def plot_image_grid(images: list[np.ndarray], titles: list[str], ncols: int = 8, title: str = "",
-                    colors: list[str] | None = None):
-    """A grid of HxWx3 uint8 images with a short title each, drawn in one axes (one per image costs
-    about a second more to draw for a 32-image grid, on every run)."""
-    plt = pyplot()
+def image_grid(images: list[np.ndarray], titles: list[str], ncols: int = 8, title: str = "",
+               colors: list[str] | None = None, side: int = 96) -> bytes:
+    """PNG bytes of HxWx3 uint8 images in a grid, each drawn `side` pixels wide under a caption of up to
+    two lines. Pillow draws it in milliseconds; a matplotlib grid cost about 0.7 s on every run."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, heading = ImageFont.load_default(size=11), ImageFont.load_default(size=14)
     n = max(1, len(images))
     ncols = min(ncols, n)
     nrows = (n + ncols - 1) // ncols
-    fig, ax = plt.subplots(figsize=(1.6 * ncols, 1.75 * nrows + (0.4 if title else 0)))
-    gap, head = 0.1, 0.3  # between images, and above each for its title (in image widths)
-    for k, image in enumerate(images):
-        row, col = divmod(k, ncols)
-        x, y = col * (1 + gap), row * (1 + head + gap) + head
-        ax.imshow(image, extent=(x, x + 1, y + 1, y), interpolation="nearest")
-        ax.text(x + 0.5, y - 0.03, titles[k], ha="center", va="bottom", fontsize=7,
-                color=colors[k] if colors else "black")
-    ax.set_xlim(-gap / 2, ncols * (1 + gap) - gap / 2)
-    ax.set_ylim(nrows * (1 + head + gap), 0)
-    ax.set_aspect("equal")
-    ax.axis("off")
+    gap, caption, top = 8, 30, (26 if title else 4)
+    canvas = Image.new("RGB", (gap + ncols * (side + gap), top + nrows * (caption + side + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+        draw.text((canvas.width // 2, 6), title, fill="black", font=heading, anchor="ma")
+    for k, (image, text) in enumerate(zip(images, titles)):
+        row, col = divmod(k, ncols)
+        x, y = gap + col * (side + gap), top + row * (caption + side + gap)
+        draw.multiline_text((x + side // 2, y + caption - 3), text, fill=colors[k] if colors else "black", font=font,
+                            anchor="md", align="center", spacing=2)
+        picture = Image.fromarray(np.ascontiguousarray(image))
+        small = picture.width < side  # a 32 px image enlarged: its pixels, not a blur
+        canvas.paste(picture.resize((side, side), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS),
+                     (x, y + caption))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()

@@ -147,7 +147,8 @@ class RunFolder:
     predictions = _File("predictions.csv")
     metrics = _File("metrics.json")  # an evaluation folder's metrics (a run keeps them in summary.json)
     confusion = _File("confusion_matrix.png")
-    misclassified = _File("misclassified.png")
+    misclassified = _File("misclassified.png")  # the most confident mistakes, each with its class-activation maps
+    confident = _File("confident.png")  # the most confident right answers, with theirs
     reliability = _File("reliability.png")  # calibration on the test split, before and after the temperature
     summary = _File("summary.json")  # written last but the report: a run with one has ended or failed
     report = _File("report.html")
@@ -155,6 +156,7 @@ class RunFolder:
     lr_find = _File("lr_find.json")  # an lr-find folder instead of a training run
     lr_find_plot = _File("lr_find.png")
     evaluations = _File("evaluations")
+    explanations = _File("explanations")  # `cnnlab explain`'s folders
     bundle = _File("bundle")
 
     def __init__(self, path: str | Path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.core.errors import UserError
-from cnnlab.core.runs import save_json
+from cnnlab.core.runs import atomic_write, save_json
 from cnnlab.core.workers import process_map
 from cnnlab.data.decode import DecodeError, decode_image, fit_square
 from cnnlab.data.sources import Scan, scan_folder
@@ -136,7 +136,7 @@ def format_report(r: AuditReport, max_lines: int = 20) -> str:
 
 def write_audit(r: AuditReport, scan: Scan, out: Path, samples_per_class: int = 8) -> list[Path]:
     """Write the JSON, the class-count chart and the sample grid next to it; return the paths."""
-    from cnnlab.core.figures import plot_class_counts, plot_image_grid, save_figure
+    from cnnlab.core.figures import image_grid, plot_class_counts, save_figure
 
     out = Path(out)
     if out.is_dir():
@@ -158,6 +158,6 @@ def write_audit(r: AuditReport, scan: Scan, out: Path, samples_per_class: int = 
             images.append(np.asarray(fit_square(decode_image(scan.root / i.path).image, 64)))
             titles.append(c)
     if images:
-        fig = plot_image_grid(images, titles, ncols=samples_per_class, title="Samples per class")
-        written.append(save_figure(fig, out.with_name(out.stem + "_samples.png")))
+        grid = image_grid(images, titles, ncols=samples_per_class, title="Samples per class")
+        written.append(atomic_write(out.with_name(out.stem + "_samples.png"), grid))
     return written

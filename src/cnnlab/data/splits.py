@@ -40,6 +40,10 @@ class Split:
     def of(self, split: str) -> list[Row]:
         return [r for r in self.rows if r.split == split]
 
+    def sizes(self) -> dict[str, int]:
+        """Images per split: {"train": N, "val": N, "test": N}."""
+        return {s: sum(r.split == s for r in self.rows) for s in SPLITS}
+
     def counts(self) -> dict[str, dict[str, int]]:
         out = {c: {s: 0 for s in SPLITS} for c in self.classes}
         for r in self.rows:

@@ -1,4 +1,4 @@
-"""Write an evaluation: predictions.csv, metrics, the confusion matrix and misclassified images.
+"""Write an evaluation: predictions.csv, metrics, the confusion matrix and the galleries with their maps.
 
 `calibrated_test` (after training) fits the temperature on the validation split, predicts the test
 split with it and draws reliability.png; `cnnlab evaluate` applies the temperature model.json stores.
@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab.core.figures import plot_image_grid, save_figure
+from cnnlab.core.figures import save_figure
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import RunFolder, load_run, new_run_dir, read_csv, save_json, sha256_file, write_csv
-from cnnlab.data.decode import DecodeError, decode_image, fit_square
 from cnnlab.data.loaders import FileSource, Loader
 from cnnlab.data.sources import resolve_data, scan_folder
 from cnnlab.data.splits import Row, Split, load_split
+from cnnlab.evaluate.galleries import write_galleries
 from cnnlab.evaluate.calibration import calibration_record, fit_temperature, softmax
 from cnnlab.evaluate.metrics import compute_metrics, reliability
 from cnnlab.evaluate.plots import plot_confusion_pair, plot_reliability
@@ -56,28 +56,15 @@ def calibrated_test(model, val_loader, test_loader, classes, device, out_dir: Pa
     return test, record
 
 
-def write_evaluation(preds: Predictions, data_root: Path, out_dir: Path, max_misclassified: int = 32) -> dict:
-    """Write predictions.csv, confusion_matrix.png and misclassified.png into `out_dir`."""
+def write_evaluation(preds: Predictions, data_root: Path, out_dir: Path, model, preprocessing: dict) -> dict:
+    """Write predictions.csv, confusion_matrix.png and the galleries (misclassified.png, confident.png, with
+    the maps of `model`, preprocessed as `preprocessing` says: model.json's keys) into `out_dir`."""
     classes = list(preds.classes)
     metrics = compute_metrics(preds.targets, preds.probs, classes)
     metrics["images_per_second"] = round(preds.images_per_second, 1)
     write_predictions(preds, RunFolder(out_dir).predictions)
     save_figure(plot_confusion_pair(np.array(metrics["confusion_matrix"]), classes), RunFolder(out_dir).confusion)
-    pred = preds.probs.argmax(1)
-    wrong = np.flatnonzero(pred != preds.targets)
-    # the most confident mistakes first: they say most about what the model gets wrong
-    wrong = wrong[np.argsort(-preds.probs[wrong, pred[wrong]])][:max_misclassified]
-    images, titles = [], []
-    for i in wrong:
-        try:
-            images.append(np.asarray(fit_square(decode_image(Path(data_root) / preds.paths[i]).image, 64)))
-        except (DecodeError, OSError):
-            continue
-        titles.append(f"{classes[preds.targets[i]]} -> {classes[pred[i]]}\n{preds.probs[i, pred[i]]:.2f}")
-    if images:
-        fig = plot_image_grid(images, titles, ncols=8, title="Misclassified (true -> predicted, probability)",
-                              colors=["darkred"] * len(images))
-        save_figure(fig, RunFolder(out_dir).misclassified)
+    write_galleries(model, preprocessing, preds, data_root, out_dir)
     return metrics
 
 
@@ -110,7 +97,7 @@ def evaluate_run(run: str | Path, data: str | None = None, include_seen: bool = 
         raise UserError(f"none of the {len(rows)} images in {root} decode; pass a folder of readable images "
                         f"(`cnnlab audit {root}` lists what is wrong)")
     out = new_run_dir(folder.evaluations, "evaluation")  # a new folder, even for two in one second
-    metrics = write_evaluation(preds, root, out)
+    metrics = write_evaluation(preds, root, out, model, meta)
     if data:
         metrics["seen_images"] = {"count": len(seen), "included": include_seen}
     save_json(RunFolder(out).metrics, metrics)

@@ -35,6 +35,7 @@ from cnnlab.core.runs import load_run
 from cnnlab.data.augment import to_model_input
 from cnnlab.data.decode import load_array
 from cnnlab.evaluate.engines import FP32, KINDS, NO_BF16, bf16_forward, choose_engine, runnable_here
+from cnnlab.evaluate.explain import DEFAULT_METHOD, Explanation, explain_arrays, target_layer
 from cnnlab.models.checkpoint import (BUNDLE_FILE, INT8_ONNX, ONNX, OnnxUnavailable, load_bundle, load_model,
                                      onnx_session, read_meta)
 
@@ -139,6 +140,7 @@ class Predictor:
             raise UserError(f"{folder / 'model.json'}: temperature {self.temperature!r} is not a positive number; "
                             "restore the file (or export the run again)")
         self.seconds = 0.0
+        self._explained: tuple[torch.nn.Module, str] | None = None  # (fp32 PyTorch model, default layer), once
 
     @classmethod
     def load(cls, path: str | Path, engine: str = "auto", threads: int | None = None, log=print) -> "Predictor":
@@ -246,6 +248,38 @@ class Predictor:
     def predict_bytes(self, data: bytes) -> np.ndarray:
         """Class probabilities (K,) for one encoded image."""
         return self.predict_arrays([self.decode(data)])[0]
+
+    def class_index(self, name: str | int) -> int:
+        """The output index of class `name` (a class name, or its index as a number)."""
+        if isinstance(name, int) or (isinstance(name, str) and name.isdecimal() and name not in self.classes_):
+            if 0 <= int(name) < len(self.classes_):
+                return int(name)
+        elif name in self.classes_:
+            return self.classes_.index(name)
+        raise UserError(f"class {name!r} is not one of the model's classes: {', '.join(self.classes_)} "
+                        f"(or their index, 0 to {len(self.classes_) - 1})")
+
+    def explain(self, data: bytes | str | Path, target: str | int | None = None, method: str = DEFAULT_METHOD,
+                layer: str | None = None) -> tuple[Explanation, np.ndarray]:
+        """The class-activation map of class `target` (default: the predicted one) for one image, and its
+        calibrated probabilities (K,) from this Predictor's engine (evaluate/explain.py).
+
+        The map needs gradients, so it is computed on the model's fp32 PyTorch weights whatever the engine;
+        the image is decoded and normalised as `predict` does. Raises DecodeError for an unreadable image."""
+        array = self.decode(data)
+        probs = self.predict_arrays([array])[0]
+        index = int(probs.argmax()) if target is None else self.class_index(target)
+        model, default = self._explainer()
+        (explanation,) = explain_arrays(model, [array], self.mean, self.std, [index], method, layer or default)
+        return explanation, probs
+
+    def _explainer(self) -> tuple[torch.nn.Module, str]:
+        """A private copy of the fp32 model: a map hooks its layers and turns TTA off while it runs, which must
+        not touch the model a concurrent `predict` runs on (the torch engine's)."""
+        if self._explained is None:
+            model = load_model(self.folder)[0]
+            self._explained = model, target_layer(model, self.image_size)
+        return self._explained
 
     def warm(self) -> None:
         """Run twice on a blank image (the first call picks kernels); `seconds` is the second's time."""

@@ -15,7 +15,9 @@ import yaml
 from cnnlab.core.runs import RunFolder, atomic_write, load_json, read_csv
 
 FIGURES = [(RunFolder.class_distribution, "Data: images per class and split"), (RunFolder.curves, "Training curves"),
-           (RunFolder.confusion, "Confusion matrix"), (RunFolder.misclassified, "Misclassified test images"),
+           (RunFolder.confusion, "Confusion matrix"),
+           (RunFolder.misclassified, "Misclassified test images, with where the network looked (Grad-CAM)"),
+           (RunFolder.confident, "The most confident right answers, with where the network looked (Grad-CAM)"),
            (RunFolder.reliability, "Calibration: reliability on the test split, before and after temperature scaling")]
 
 

@@ -50,6 +50,10 @@ class FastNet(nn.Module):
             return self._logits(x)
         return 0.5 * (self._logits(x) + self._logits(x.flip(3)))
 
+    def explain_layers(self) -> list[str]:
+        """The layers a class-activation map may be taken at, in order: each stage's output."""
+        return [f"stages.{i}" for i in range(len(self.stages))]
+
     def reset_head(self, num_classes: int) -> None:
         """A new classifier for `num_classes` (fine-tuning a trained FastNet on other classes)."""
         self.head = nn.Linear(self.head.in_features, num_classes, bias=False)

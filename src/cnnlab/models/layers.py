@@ -43,6 +43,11 @@ class LayerNet(nn.Module):
         self.head[-1] = nn.Linear(last.in_features, num_classes)
         self.num_classes = num_classes
 
+    def explain_layers(self) -> list[str]:
+        """The layers a class-activation map may be taken at, in order: each layer's output but a bare
+        convolution's or normalisation's (taken before their activation)."""
+        return [f"backbone.{i}" for i, m in enumerate(self.backbone) if not isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+
 
 def _parse(spec: Any, where: str) -> tuple[str, dict]:
     if isinstance(spec, str):

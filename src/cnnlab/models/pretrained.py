@@ -215,6 +215,10 @@ class TransferNet(nn.Module):
                     groups.append([path])
         return groups
 
+    def explain_layers(self) -> list[str]:
+        """The layers a class-activation map may be taken at, in order: each backbone block's output."""
+        return [f"backbone.{group[-1]}" for group in self.blocks()]
+
     def set_trainable(self, unfreeze: int | str) -> None:
         """Freeze the backbone except its last `unfreeze` blocks ("all" = everything); the head trains."""
         blocks = self.blocks()

@@ -1,8 +1,8 @@
 """The comparison report of several runs: one table, the curves, the confusion matrices and a
 short written comparison, as `report.md` and a self-contained `report.html`.
 
-Built from run folders alone (summary.json, split.csv, history.csv, predictions.csv,
-model.safetensors' size and the data's image files for thumbnails); no model code runs, so
+Built from run folders alone (summary.json, split.csv, history.csv, predictions.csv, the galleries
+with their maps, model.safetensors' size and the data's image files for thumbnails); no model code runs, so
 `cnnlab report` rebuilds it anywhere the folders are. Best values are bold; diverged and failed
 runs are flagged and left out of "best". The data line comes from the runs' files, not from a
 study's description, and runs on different data get a data column and a warning.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import re
 from pathlib import Path
 
@@ -282,6 +283,25 @@ def _img(path: Path, alt: str) -> str:
     return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
 
 
+def _gallery_files(rows: list[dict], relative_to: Path | None = None) -> list[tuple[dict, str, str]]:
+    """(row, misclassified.png, confident.png) of each run that has both (paths relative to `relative_to`)."""
+    out = []
+    for r in rows:
+        run = RunFolder(r["folder"])
+        if run.misclassified.is_file() and run.confident.is_file():
+            paths = [run.misclassified, run.confident]
+            if relative_to is not None:
+                paths = [os.path.relpath(p, relative_to) for p in paths]
+            out.append((r, str(paths[0]), str(paths[1])))
+    return out
+
+
+def _best_run(rows: list[dict]) -> dict | None:
+    """The completed run with the best test accuracy: its gallery opens first."""
+    done = [r for r in rows if r["status"] in OK and r.get("accuracy") is not None]
+    return max(done, key=lambda r: r["accuracy"]) if done else None
+
+
 def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] = (),
                      unavailable: list[tuple[str, str]] = (), per_cell: int = 6) -> tuple[Path, Path]:
     """report.md, report.html and the figures into `out` for `rows` (from `load_run`).
@@ -318,6 +338,8 @@ def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] =
     md += [f"## {cap}\n\n![{cap}]({f})\n" for f, cap in figures]
     md += ["## Confusion matrices", "", "See report.html: each cell links to the misclassified test images behind it.",
            ""]
+    md += [f"- {r['name']}: [{RunFolder.misclassified}]({f}), [{RunFolder.confident}]({g})"
+           for r, f, g in _gallery_files(rows, out)]
     md_path = atomic_write(out / "report.md", "\n".join(md))
 
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
@@ -354,6 +376,14 @@ def write_comparison(rows: list[dict], out: Path, title: str, notes: list[str] =
         h.append("<h2>Confusion matrices</h2><p>Rows: true class; columns: predicted. "
                  "Click a count to see the misclassified test images behind it.</p>")
         h.append(f"<div class='cms'>{''.join(cms)}</div><h2>Misclassified test images</h2>{''.join(galleries)}")
+    first = _best_run(rows)
+    explained = [f"<details{' open' if r is first else ''}><summary>{html.escape(r['name'])} "
+                 f"({_cell(r, 'accuracy')})</summary>{_img(Path(f), 'misclassified')}{_img(Path(g), 'confident')}"
+                 "</details>" for r, f, g in _gallery_files(rows)]
+    if explained:
+        h.append("<h2>What the networks looked at</h2><p>Per run, its most confident mistakes (the image, the "
+                 "Grad-CAM map of the class it said, the map of the true class) and its most confident right answers "
+                 "(the map of their class and of the runner-up), from the run's own files.</p>" + "".join(explained))
     h.append("</body></html>")
     html_path = atomic_write(out / "report.html", "\n".join(h))
     return md_path, html_path

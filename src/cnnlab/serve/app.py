@@ -6,24 +6,30 @@ event loop, and every way an upload can be wrong is a 4xx with a message: 413 ov
 (counted as the bytes arrive, so a chunked body cannot slip past it) or for a decompression bomb,
 415 for bytes that are not an image, 422 for a damaged one. `/openapi.json` documents every answer
 (the models in serve/schemas.py) and every status; the request bodies, read by hand for speed, are
-described to it in `openapi_extra`.
+described to it in `openapi_extra`. `/explain` draws a class-activation map over the image: its
+forward and backward pass run in a worker thread, one at a time, on PyTorch weights loaded at the
+first `/explain`, so neither start-up nor `/predict` ever waits on it.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-import time
 from importlib import resources
+from urllib.parse import quote
 
+import anyio
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from cnnlab.core.errors import UserError
 from cnnlab.data.decode import DecodeError, ImageTooLarge, NotAnImage
+from cnnlab.evaluate.explain import DEFAULT_METHOD, METHODS, check_method, display_side, overlay, png_bytes
 from cnnlab.evaluate.predict import Predictor
 from cnnlab.models.checkpoint import bundle_folder
+from cnnlab.serve.middleware import BodyLimit, Metrics
 from cnnlab.serve.schemas import Alive, BatchAnswer, ErrorBody, Loading, ModelInfo, Prediction, Ready
 
 MAX_BODY = 10 * 2**20
@@ -32,7 +38,6 @@ MAX_BODY = 10 * 2**20
 UVICORN = {"loop": "auto", "http": "auto", "log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 5}
 MAX_BATCH = 64
 INLINE_BYTES, INLINE_SECONDS = 256 * 1024, 0.003  # below both, an upload is classified on the event loop
-KNOWN_PATHS = {"/", "/livez", "/readyz", "/model", "/predict", "/predict/batch", "/metrics", "/docs", "/openapi.json"}
 
 # For /openapi.json: why each route answers each error status (every error body is {"detail": str}), and the
 # request bodies.
@@ -60,58 +65,27 @@ BATCH_BODY = {"required": True, "content": {"multipart/form-data": {
                   "maxItems": MAX_BATCH}}},
     "encoding": {"files": {"contentType": "image/*"}}}}}
 API_KEY_SCHEME = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-
-
-class BodyLimit:
-    """ASGI middleware: 413 once a request body passes `limit` bytes, declared or streamed."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            status = 400 if not length.isdigit() else 413
-            detail = "bad Content-Length" if status == 400 else f"body over the {self.limit:,}-byte limit"
-            return await JSONResponse({"detail": detail}, status)(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, f"body over the {self.limit:,}-byte limit")
-            return message
-
-        await self.app(scope, counted, send)
-
-
-class Metrics:
-    """ASGI middleware: count every answer by path and status, and time it (plain ASGI: no extra task)."""
-
-    def __init__(self, app, requests, latency):
-        self.app, self.requests, self.latency = app, requests, latency
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500  # an exception that escapes is a 500
-
-        async def sent(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sent)
-        finally:
-            path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
-            self.requests.labels(path, str(status)).inc()
-            self.latency.labels(path).observe(time.perf_counter() - start)
+TEXT = {"type": "string", "minLength": 1}
+EXPLAIN_ERRORS = {**PREDICT_ERRORS, 422: "a damaged image, no file in multipart field `file`, a `class` that is not "
+                  "one of the model's, or an unknown `method` (the detail names the valid ones)"}
+EXPLAIN_PARAMS = [  # read by hand, as the bodies are: FastAPI's own 422 body is not the app's {"detail": str}
+    {"name": "class", "in": "query", "required": False, "schema": TEXT,
+     "description": "the class to map: a name of GET /model's `classes`, or its index; default: the predicted class"},
+    {"name": "method", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": list(METHODS), "default": DEFAULT_METHOD},
+     "description": "the class-activation method (torchcam's); a `+` is sent percent-encoded, `%2B`"}]
+EXPLAIN_HEADERS = {  # name: (what it says, its value's schema)
+    "X-Explained-Class": ("the class mapped, percent-encoded UTF-8", TEXT),
+    "X-Class-Index": ("its index in GET /model's `classes`", {"type": "string", "pattern": "^[0-9]+$"}),
+    "X-Class-Probability": ("its calibrated probability (as /predict's), to 6 decimals",
+                            {"type": "string", "pattern": "^[01][.][0-9]{6}$"}),
+    "X-Method": ("the method used", {"type": "string", "enum": list(METHODS)}),
+    "X-Layer": ("the layer whose activations are mapped (a name of the model's modules)", TEXT)}
+EXPLAIN_PNG = {"description": "the image as the model saw it (the same preprocessing as /predict), enlarged to at "
+               "least 192 px a side, with the class's map over it in the jet colours",
+               "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+               "headers": {name: {"description": why, "required": True, "schema": schema}
+                           for name, (why, schema) in EXPLAIN_HEADERS.items()}}
 
 
 def _status_for(error: DecodeError) -> int:
@@ -121,6 +95,17 @@ def _status_for(error: DecodeError) -> int:
     if isinstance(error, NotAnImage):
         return 415
     return 422
+
+
+def _unusable(error: DecodeError) -> HTTPException:
+    return HTTPException(_status_for(error), f"not a usable image: {error}")
+
+
+def _render(predictor: Predictor, data: bytes, target: int | None, method: str):
+    """(PNG bytes, Explanation, probabilities): the map of class `target` over the image. A worker thread's
+    work: a forward and a backward pass in PyTorch, the first call also loading the fp32 weights."""
+    explanation, probs = predictor.explain(data, target, method)
+    return png_bytes(overlay(explanation.image, explanation.cam, display_side(predictor.image_size))), explanation, probs
 
 
 def _errors(why: dict[int, str]) -> dict:
@@ -140,15 +125,16 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     threads = threads or int(env.get("CNNLAB_SERVE_THREADS", "1"))
     max_body = max_body or int(env.get("CNNLAB_SERVE_MAX_BODY", str(MAX_BODY)))
     api_key = api_key if api_key is not None else env.get("CNNLAB_SERVE_API_KEY", "")
-    state: dict = {"predictor": None}
+    state: dict = {"predictor": None, "explaining": None}
     registry = CollectorRegistry()
     requests = Counter("cnnlab_requests", "HTTP requests by path and status", ["path", "status"], registry=registry)
     latency = Histogram("cnnlab_request_seconds", "request latency", ["path"], registry=registry,
                         buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
 
     async def lifespan(app):
+        state["explaining"] = anyio.Lock()  # one map at a time per worker: each is a forward and backward pass
         state["predictor"] = Predictor.load(bundle_folder(path), engine, threads)
-        state["predictor"].warm()
+        state["predictor"].warm()  # the PyTorch model /explain maps on is not loaded here: on the first /explain
         yield
 
     app = FastAPI(title="cnnlab", summary="Upload an image, get every class's probability.", lifespan=lifespan)
@@ -185,15 +171,13 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
                 "probabilities": {classes[k]: float(probs[k]) for k in order}, "model": predictor.meta["model_name"]}
 
     async def _classify(predictor: Predictor, data: bytes) -> dict:
-        if not data:
-            raise HTTPException(415, "empty upload: send an image file")
         try:
             if len(data) <= INLINE_BYTES and predictor.seconds <= INLINE_SECONDS:
                 probs = predictor.predict_bytes(data)  # a small image on a small model: a thread hop costs more
             else:  # decode and model in one worker-thread hop: the event loop never waits on a big image
                 probs = await run_in_threadpool(predictor.predict_bytes, data)
         except DecodeError as e:
-            raise HTTPException(_status_for(e), f"not a usable image: {e}") from None
+            raise _unusable(e) from None
         return _answer(predictor, probs)
 
     async def _form(request: Request, max_files: int):
@@ -205,6 +189,34 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
             raise HTTPException(400, "the request body ended early") from None
         except Exception as e:  # malformed multipart: the client's mistake
             raise HTTPException(400, f"malformed multipart body: {str(e)[:120]}") from None
+
+    async def _image(request: Request) -> bytes:
+        """The one image of a /predict or /explain request: multipart field `file`, or the raw body."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await _form(request, 1)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise HTTPException(422, "send the image in the multipart field 'file'")
+            data = await upload.read()
+        else:
+            try:
+                data = await request.body()
+            except ClientDisconnect:
+                raise HTTPException(400, "the request body ended early") from None
+        if not data:
+            raise HTTPException(415, "empty upload: send an image file")
+        return data
+
+    def _explain_query(predictor: Predictor, request: Request) -> tuple[int | None, str]:
+        """The class index (None: the predicted one) and method of an /explain request; 422 naming the choices."""
+        name, method = request.query_params.get("class"), request.query_params.get("method", DEFAULT_METHOD)
+        try:
+            return (None if name is None else predictor.class_index(name)), check_method(method)
+        except UserError as e:
+            raise HTTPException(422, str(e)) from None
+        except ValueError:  # class_index reads any str.isdigit() text ("²") as an index, which int() refuses
+            raise HTTPException(422, f"class {name!r} is not one of the model's classes: "
+                                f"{', '.join(predictor.classes_)} (or their index)") from None
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -240,18 +252,28 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
         """One image: a multipart form with the file in field `file`, or the raw image bytes as the body."""
         _authorised(request)
         predictor = _predictor()
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await _form(request, 1)
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise HTTPException(422, "send the image in the multipart field 'file'")
-            data = await upload.read()
-        else:
+        return await _classify(predictor, await _image(request))
+
+    @app.post("/explain", response_class=Response,
+              responses={200: EXPLAIN_PNG, **_errors({**EXPLAIN_ERRORS, **unauthorised})},
+              openapi_extra={"requestBody": PREDICT_BODY, "parameters": EXPLAIN_PARAMS, **guarded})
+    async def explain(request: Request):
+        """One image's class-activation map over it, as a PNG: the bodies /predict takes; `class` and `method`
+        in the query. Computed in a worker thread, one at a time, so /predict never waits on it."""
+        _authorised(request)
+        predictor = _predictor()
+        target, method = _explain_query(predictor, request)
+        data = await _image(request)
+        async with state["explaining"]:  # waiting here, on the event loop, holds no worker thread
             try:
-                data = await request.body()
-            except ClientDisconnect:
-                raise HTTPException(400, "the request body ended early") from None
-        return await _classify(predictor, data)
+                png, explanation, probs = await run_in_threadpool(_render, predictor, data, target, method)
+            except DecodeError as e:
+                raise _unusable(e) from None
+        k = explanation.target
+        return Response(png, media_type="image/png", headers={
+            "X-Explained-Class": quote(predictor.classes_[k], safe=""), "X-Class-Index": str(k),
+            "X-Class-Probability": f"{float(probs[k]):.6f}", "X-Method": explanation.method,
+            "X-Layer": explanation.layer})
 
     @app.post("/predict/batch", response_model=BatchAnswer, responses=_errors({**BATCH_ERRORS, **unauthorised}),
               openapi_extra={"requestBody": BATCH_BODY, **guarded})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from cnnlab.core import signals
-from cnnlab.core.config import TrainConfig
+from cnnlab.core.config import MAX_BUDGET_EPOCHS, TrainConfig, save_epochs
 from cnnlab.core.runs import RunFolder, write_csv
 from cnnlab.train.checkpoints import restore_training, save_checkpoint
 from cnnlab.train.distributed import DistInfo, all_sum
@@ -133,6 +134,15 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
+def _rescheduled(optimizer, scheduler, cfg: TrainConfig, steps_per_epoch: int):
+    """The schedule for `cfg.epochs`, at the step the old one had reached."""
+    done = scheduler.last_epoch
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler.last_epoch = done - 1
+    scheduler.step()
+    return scheduler
+
+
 def _finite(model: nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
 
@@ -140,7 +150,7 @@ def _finite(model: nn.Module) -> bool:
 def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: torch.device, precision: str,
         class_weights: torch.Tensor | None = None, log=print, progress=True, resume: tuple | None = None,
         dist: DistInfo = DistInfo(), run_info: dict | None = None, phase: str = "scratch", earlier: list = (),
-        best: BestWeights | None = None) -> FitResult:
+        best: BestWeights | None = None, deadline: float | None = None) -> FitResult:
     """Train `model` on `loaders.train`, validating on `loaders.val` each epoch.
 
     Args:
@@ -156,6 +166,8 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         phase: this phase's name in history.csv (scratch | frozen | finetune).
         earlier: history rows of the phases before this one, kept at the top of history.csv.
         best: saves the best weights when an epoch improves on the best so far (None: not saved).
+        deadline: a time.monotonic() by which training must end (a time budget): no epoch is started that
+            would end after it, at the pace of the last one.
 
     Returns:
         FitResult; the model holds the best epoch's weights afterwards.
@@ -238,6 +250,22 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 status = "early_stopped"
                 message = f"no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {p['best_epoch']}"
                 break
+            if deadline is not None and epoch < cfg.epochs:  # a time budget: the epochs that fit at this pace
+                left, pace = deadline - time.monotonic(), row["seconds"]
+                total = min(MAX_BUDGET_EPOCHS, epoch + int(left // pace))
+                if total <= epoch:
+                    status = "early_stopped"
+                    message = (f"time budget: epoch {epoch + 1} of {cfg.epochs} would end after the budget leaves for "
+                               f"the evaluation (epochs took {pace:.1f} s); best epoch {p['best_epoch']}")
+                    break
+                spare = left - (cfg.epochs - epoch) * pace  # seconds the planned epochs leave unused (< 0: overrun)
+                if spare < -0.25 * pace or (spare >= pace and total > cfg.epochs):  # over by a quarter, or one more fits
+                    log(f"time budget: {total} epochs fit at {row['seconds']:.1f} s per epoch (planned {cfg.epochs}); "
+                        "the schedule now ends there")
+                    cfg = dataclasses.replace(cfg, epochs=total)
+                    scheduler = _rescheduled(optimizer, scheduler, cfg, len(loaders.train))
+                    if dist.main:
+                        save_epochs(RunFolder(run_dir).config, total)
             stop = float(bool(signals.requested()))
             if dist.active:  # every rank stops after the same epoch, or they wait on each other for ever
                 stop = all_sum([stop], dist, device)[0]

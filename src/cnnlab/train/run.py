@@ -12,6 +12,7 @@ The best weights reach `model.safetensors` from one place, `_save_model`.
 from __future__ import annotations
 
 import dataclasses
+import time
 import traceback
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from cnnlab.core import signals
-from cnnlab.core.config import Config, config_to_dict, dump_config, load_config
+from cnnlab.core.config import Config, config_to_dict, dump_config, flatten, load_config
 from cnnlab.core.env import env_info, precision_note, resolve_precision, seed_everything, set_threads
 from cnnlab.core.errors import UserError
 from cnnlab.core.figures import plot_class_counts, save_figure
@@ -34,6 +35,7 @@ from cnnlab.evaluate.predict import inference_speed
 from cnnlab.evaluate.run_report import write_run_report
 from cnnlab.models.checkpoint import save_model, save_weights
 from cnnlab.models.summary import count_params, format_summary, summarize
+from cnnlab.train.budget import budget_seconds, deadline as budget_deadline, epochs_now, plan as plan_budget
 from cnnlab.train.checkpoints import load_checkpoint
 from cnnlab.train.distributed import DistInfo, barrier, broadcast, cleanup, device_for, setup
 from cnnlab.train.features import feature_loaders
@@ -67,17 +69,28 @@ class RunContext:
     checkpoint: tuple | None  # (tensors, meta) of the checkpoint a resumed run continues from
     log: object  # prints and appends to log.txt
     progress: bool
+    started: float  # time.monotonic() when `train` was called
+    budget: dict | None  # the time budget's plan (train/budget.py), for summary.json
 
 
 def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None) -> Path:
     """Train and evaluate one model as `cfg` says; return its run folder (see the module's docstring)."""
     # Over 60 lines on purpose: the run's steps in the order they happen, read on one screen.
+    started = time.monotonic()  # a time budget counts from here
     dist = setup()
     log = log if dist.main else _quiet
     checkpoint = _check_resume(RunFolder(resume), cfg, log) if resume else None
     root, split = data_and_split(cfg, log, RunFolder(resume).split if resume else None)
     if cfg.train.batch_size % dist.world:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must divide by the {dist.world} processes")
+    device = device_for(dist)
+    threads = set_threads(cfg.train.threads, dist.local_world)
+    precision = resolve_precision(cfg.train.precision, device)
+    planned = None  # a resumed run keeps the plan its config.yaml recorded
+    if budget_seconds(cfg) and not resume:
+        if dist.active:
+            raise UserError("train.time_budget plans a run on one process; under torchrun set train.epochs")
+        cfg, planned = plan_budget(cfg, split, started, device, precision, log)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg, split, log)
     run_info = {"split_sha256": manifest_hash(split), "world": dist.world}
@@ -85,9 +98,6 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     if saved_info != run_info:
         raise UserError(f"cannot resume {resume}: its checkpoint was made with {saved_info}, "
                         f"now {run_info} (different data split or number of processes)")
-    device = device_for(dist)
-    threads = set_threads(cfg.train.threads, dist.local_world)
-    precision = resolve_precision(cfg.train.precision, device)
     resolved = dataclasses.replace(  # what config.yaml records: the values used, not "auto"
         cfg, data=dataclasses.replace(cfg.data, path=str(root), image_size=model.size),
         train=dataclasses.replace(cfg.train, precision=precision), model=dataclasses.replace(
@@ -107,7 +117,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         if note:
             tee(note)
         ctx = RunContext(resolved, folder, root, split, model, loaders, _model_meta(model, split, loaders, run_info),
-                         device, precision, threads, dist, run_info, checkpoint, tee, progress)
+                         device, precision, threads, dist, run_info, checkpoint, tee, progress, started, planned)
         model.net.to(device).to(memory_format=torch.channels_last)
         if checkpoint is None:  # a resumed run has these layers in its checkpoint
             init_from_data(model.net, loaders, device)
@@ -243,13 +253,16 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
         else:
             ld, net = ctx.loaders, DistributedDataParallel(model) if dist.active else model
         train_cfg = _phase_lr(ctx, ph, net, ld)
+        if ctx.budget:  # the epochs that fit now that the data is loaded
+            train_cfg = epochs_now(ctx.budget, train_cfg, ctx.split.sizes(), ctx.started, ctx.folder.config, ctx.log)
         ctx.log(f"phase {ph.name}: lr {train_cfg.lr:g}, {train_cfg.epochs} epoch{'s' * (train_cfg.epochs != 1)}, "
                 f"{trainable:,} of {total:,} parameters trainable")
         result = fit(net, ld, train_cfg, folder.dir, device=ctx.device, precision=ctx.precision,
                      class_weights=class_weights(ctx.split) if ctx.cfg.train.class_weights == "balanced" else None,
                      log=ctx.log, progress=ctx.progress, resume=ctx.checkpoint if saved_phase == ph.name else None,
                      dist=dist, run_info={**ctx.run_info, "phase": ph.name}, phase=ph.name, earlier=rows,
-                     best=_best_weights(ctx, net))
+                     best=_best_weights(ctx, net),
+                     deadline=budget_deadline(ctx.budget, ctx.split.sizes(), ctx.started) if ctx.budget else None)
         evaluator = (net.module if dist.active else net, ld)
         if features is not None and result.best_epoch and dist.main:  # the backbone with the best head
             _save_model(ctx)
@@ -336,7 +349,7 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
         net, ld = evaluator  # the temperature is fitted on the whole validation split, as the test split is predicted
         preds, summary["calibration"] = calibrated_test(net, ld.val_all or ld.val, ld.test, split.classes, ctx.device,
                                                         folder.dir)
-        summary["test"] = write_evaluation(preds, ctx.root, folder.dir)
+        summary["test"] = write_evaluation(preds, ctx.root, folder.dir, model, ctx.meta)
         ctx.meta["temperature"] = summary["calibration"]["temperature"]
         save_json(folder.model, ctx.meta)  # model.json beside the weights written last: now with the temperature
     dropped = ctx.loaders.dropped()  # streaming meets undecodable files only as it reads them: all are known now
@@ -356,6 +369,9 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
         summary["inference"] = inference_speed(model, ctx.model.size, ctx.device)
         ctx.log(f"test accuracy {summary['test']['accuracy']:.4f}  macro F1 {summary['test']['f1_macro']:.4f}  "
                 f"loss {summary['test']['loss']:.4f}  (best epoch {result.best_epoch})")
+    if ctx.budget:
+        summary["budget"] = {**ctx.budget, "epochs_run": len(result.history),
+                             "seconds_at_summary": round(time.monotonic() - ctx.started, 1)}
     save_json(folder.summary, summary)
     write_run_report(folder.dir)
     ctx.log(f"status: {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""))
@@ -369,15 +385,6 @@ def _record_failure(folder: RunFolder, error: Exception) -> None:
             log_file.write("".join(traceback.format_exception(error)))
         log_file.write(f"status: failed ({message}); continue with: cnnlab train --resume {folder.dir}\n")
     save_json(folder.summary, {**folder.read_summary(), "status": "failed", "message": message})
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}"""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
 
 
 def _quiet(msg: str) -> None:

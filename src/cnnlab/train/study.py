@@ -13,13 +13,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from cnnlab.core.config import Config, config_to_dict, load_config
+from cnnlab.core.config import Config, config_to_dict, flatten, load_config
 from cnnlab.core.errors import UserError, WeightsNotFound
 from cnnlab.core.runs import STUDY_FILE, RunFolder, load_json, save_json, slug
 from cnnlab.core.study import Child, load_study
 from cnnlab.data.sources import DATASET_NAMES
 from cnnlab.data.splits import manifest_hash
-from cnnlab.train.run import OPERATIONAL, flatten, train
+from cnnlab.train.run import OPERATIONAL, train
 from cnnlab.train.setup import check_model, data_and_split
 
 def run_study(path: str | Path, out: str | Path = "studies", sets: list[str] = (), progress: bool = True,

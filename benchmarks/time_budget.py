@@ -1,0 +1,58 @@
+"""`cnnlab train --time-budget`: does the whole command end within its budget, and what does it reach?
+
+    python benchmarks/time_budget.py [--budgets 2m 5m]
+
+For each budget, `cnnlab train --data <shared CIFAR-10 JPEG copy> --time-budget B` runs as a user
+would run it (the default recipe, the network and epochs left to the plan), timed from outside the
+process; the table gives the plan (network, epochs), the measured rates it was made from, the wall
+time against the budget (the target is within 10%) and the test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import SHARED_CIFAR10, update_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "cnnlab"]
+
+
+def main() -> None:
+    from cnnlab.core.config import parse_duration
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", nargs="+", default=["2m", "5m"])
+    args = ap.parse_args()
+    out = ROOT / "benchmarks" / "out" / "time_budget"
+    rows = ["| budget | network | epochs planned / run | epoch s (measured before training) | s before training | "
+            "wall s (whole command) | wall / budget | test accuracy | status |", "|---|---|---|---|---|---|---|---|---|"]
+    for text in args.budgets:
+        budget = parse_duration(text)
+        start = time.perf_counter()
+        proc = subprocess.run([*CLI, "train", "--data", str(SHARED_CIFAR10), "--time-budget", text, "--out", str(out),
+                               "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            raise SystemExit(f"cnnlab train --time-budget {text} failed:\n{proc.stdout}\n{proc.stderr}")
+        run = Path(proc.stdout.strip().splitlines()[-1].removeprefix("run: "))
+        s = json.loads((run / "summary.json").read_text())
+        plan = s["budget"]
+        rate = plan["rates"][plan["model"]]["epoch_seconds"]
+        rows.append(f"| {text} | {plan['model']} | {plan['epochs_planned']} / {plan['epochs_run']} | {rate:.1f} | "
+                    f"{plan['seconds_before_planning']:.0f} | {wall:.0f} | {wall / budget:.2f} | "
+                    f"{s['test']['accuracy']:.2%} | {s['status']} |")
+        print(rows[-1], flush=True)
+    body = ["The shared CIFAR-10 JPEG copy (45,000 train / 5,000 val / 10,000 test images), the default recipe; "
+            "the data cache built before (as any second run finds it).", "", *rows]
+    update_section("time budget", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()

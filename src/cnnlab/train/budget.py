@@ -1,0 +1,171 @@
+"""A run planned to fit a time budget: `cnnlab train --time-budget 5m` (`train.time_budget`).
+
+"The best model this machine can train in five minutes." Before the run folder exists, cnnlab
+times a few training steps and an evaluation pass of each candidate network on this machine, in
+the run's precision and batch size, on random images of the run's size (a convolution costs the
+same whatever the pixels). From those rates, the images in the split and the time already spent
+(scanning the data, the probes), it picks:
+- the network: when none is named, the widest of fastnet, fastnet_m and fastnet_l that gets at
+  least the recipe's 10 epochs (wider is more accurate per epoch and slower); where none does,
+  fastnet with the epochs that fit. A named network keeps its name.
+- the epochs, and with them the schedule's length: as many as end training in time for the final
+  evaluation (the validation and test passes, the figures and the report); the count is fixed
+  again just before the first epoch, once the data is loaded.
+`fit` stops early (status early_stopped, saying why) if an epoch would still overrun. The plan and
+the measured rates go into summary.json under "budget".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnlab.core.config import MAX_BUDGET_EPOCHS, Config, TrainConfig, parse_duration, save_epochs
+from cnnlab.core.errors import UserError
+from cnnlab.data.splits import Split
+from cnnlab.models import create_model, get_entry
+from cnnlab.models.pretrained import is_transfer_name
+from cnnlab.train.loop import autocast
+from cnnlab.train.optim import build_optimizer
+
+CANDIDATES = ("fastnet", "fastnet_m", "fastnet_l")  # narrow to wide
+MIN_EPOCHS = 10  # the fast recipe's own length: a wider network is taken only where it gets this many
+FINISH_SECONDS = 8.0  # after the last evaluation pass: inference speed, galleries with maps, figures, report
+PROBE_SECONDS = 1.0  # timed training steps per candidate, and as long for evaluation (after one untimed call)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    model: str
+    step_seconds: float  # one training step at the run's batch size
+    eval_images_per_second: float  # forward passes as validation runs them (TTA included)
+
+    def epoch_seconds(self, train: int, val: int, batch: int) -> float:
+        return math.ceil(train / batch) * self.step_seconds + val / self.eval_images_per_second
+
+    def after_seconds(self, val: int, test: int) -> float:
+        """After training: the temperature's validation pass, the test pass and FINISH_SECONDS."""
+        return (val + test) / self.eval_images_per_second + FINISH_SECONDS
+
+
+def budget_seconds(cfg: Config) -> float | None:
+    return parse_duration(cfg.train.time_budget) if cfg.train.time_budget else None
+
+
+def plan(cfg: Config, split: Split, started: float, device: torch.device, precision: str, log) -> tuple[Config, dict]:
+    """The config with the network and epochs that fit the budget, and the plan for summary.json."""
+    budget = budget_seconds(cfg)
+    m = cfg.model
+    if m.pretrained or m.weights or m.init or cfg.train.freeze or is_transfer_name(m.name or ""):
+        raise UserError("train.time_budget plans networks trained from scratch (the fastnet widths, or a named "
+                        "one); for a pretrained network set train.epochs instead")
+    counts = split.sizes()
+    batch = min(cfg.train.batch_size, counts["train"])
+    names = [m.name] if m.name else list(CANDIDATES)
+    rates: dict[str, Rate] = {}
+    for name in names:  # narrow to wide, stopping at the first that cannot get MIN_EPOCHS: wider is slower still
+        size = cfg.data.image_size or get_entry(name).default_size
+        rates[name] = probe(name, cfg, len(split.classes), size, device, precision, batch)
+        if _epochs_that_fit(rates[name], counts, batch, budget - (time.monotonic() - started)) < MIN_EPOCHS:
+            break
+    left = budget - (time.monotonic() - started)  # the probes included
+    fits = {n: _epochs_that_fit(r, counts, batch, left) for n, r in rates.items()}
+    wide = [n for n in rates if fits[n] >= MIN_EPOCHS]
+    name = wide[-1] if wide else names[0]
+    epochs = fits[name]
+    spent = time.monotonic() - started
+    if epochs < 1:
+        rate = rates[name]
+        need = rate.epoch_seconds(counts["train"], counts["val"], batch) + rate.after_seconds(counts["val"], counts["test"])
+        raise UserError(f"a time budget of {budget:.0f} s leaves no time for one epoch of {name} on this machine "
+                        f"({spent:.0f} s spent on the data and the measurement, then about {need:.0f} s for one epoch "
+                        f"and the evaluation); give train.time_budget at least {math.ceil(spent + need)}s")
+    record = {"seconds": budget, "model": name, "epochs_planned": epochs, "epochs": epochs, "batch_size": batch,
+              "seconds_before_planning": round(spent, 2),
+              "rates": {n: {"train_images_per_second": round(batch / r.step_seconds, 1),
+                            "eval_images_per_second": round(r.eval_images_per_second, 1),
+                            "epoch_seconds": round(r.epoch_seconds(counts["train"], counts["val"], batch), 2)}
+                        for n, r in rates.items()}}
+    log(f"time budget {budget:.0f} s: {name} for {epochs} epochs (measured here: "
+        + ", ".join(f"{n} {v['epoch_seconds']:.1f} s per epoch" for n, v in record["rates"].items())
+        + f"; {spent:.0f} s spent before training)")
+    model = dataclasses.replace(m, name=name)
+    return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, epochs=epochs)), record
+
+
+def _epochs_that_fit(rate: Rate, counts: dict, batch: int, left: float) -> int:
+    return _whole_epochs(left, rate.after_seconds(counts["val"], counts["test"]),
+                         rate.epoch_seconds(counts["train"], counts["val"], batch))
+
+
+def _whole_epochs(left: float, after: float, per_epoch: float) -> int:
+    """Whole epochs in the `left` seconds but the `after` the final evaluation needs, rounded up where the
+    overrun is within 5% of what is left (a budget is a target: ending early wastes it as surely as late)."""
+    return max(0, min(MAX_BUDGET_EPOCHS, math.floor((left - after + 0.05 * left) / per_epoch)))
+
+
+def epochs_now(record: dict, train_cfg: TrainConfig, counts: dict, started: float, config_path: Path,
+               log) -> TrainConfig:
+    """The planned network's epochs that still fit now, the data loaded (at least 1: the plan said one
+    fits); config.yaml is rewritten to say so where they differ from the plan."""
+    left = record["seconds"] - (time.monotonic() - started)
+    epochs = max(1, _whole_epochs(left, _after(record, counts), record["rates"][record["model"]]["epoch_seconds"]))
+    if epochs != train_cfg.epochs:
+        log(f"time budget: {epochs} epochs fit now that the data is loaded (planned {train_cfg.epochs})")
+        record["epochs"] = epochs
+        save_epochs(config_path, epochs)
+    return dataclasses.replace(train_cfg, epochs=epochs)
+
+
+def deadline(record: dict, counts: dict, started: float) -> float:
+    """The monotonic time by which the last epoch must end, for `fit`'s guard."""
+    return started + record["seconds"] - _after(record, counts)
+
+
+def _after(record: dict, counts: dict) -> float:
+    rate = record["rates"][record["model"]]
+    return (counts["val"] + counts["test"]) / rate["eval_images_per_second"] + FINISH_SECONDS
+
+
+def probe(name: str, cfg: Config, num_classes: int, size: int, device: torch.device, precision: str,
+          batch: int) -> Rate:
+    """Seconds per training step (the run's optimizer, precision and batch) and evaluation images per second."""
+    args = {"layers": list(cfg.model.layers)} if name == "custom" else {}  # as train/setup.py builds it
+    model = create_model(name, num_classes, size, **args).to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
+                                dataclasses.replace(cfg.train, lr=0.01 if cfg.train.lr == "auto" else cfg.train.lr))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+
+    def step():
+        with autocast(precision, device):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    step_seconds = _timed(step, device)
+    model.eval()
+    with torch.no_grad():
+        eval_seconds = _timed(lambda: model(x), device)
+    return Rate(name, step_seconds, batch / eval_seconds)
+
+
+def _timed(fn, device: torch.device) -> float:
+    """Median seconds of `fn` over about PROBE_SECONDS (at least 2 calls), after one untimed call."""
+    fn()
+    times: list[float] = []
+    while len(times) < 2 or (sum(times) < PROBE_SECONDS and len(times) < 20):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
