@@ -99,20 +99,25 @@ def inference_speed(model, image_size: int, device=torch.device("cpu"), batch: i
     smaller batch (recorded as `batch`), so that measuring a large network costs about a second, not ten."""
     model.eval().to(device)
     one = torch.randn(1, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-    model(one)  # warm-up: the first call picks kernels
+    _seconds(model, one, device)  # warm-up: the first call picks kernels
     times: list[float] = []
     while len(times) < singles and (len(times) < 3 or sum(times) < seconds / 2):
-        start = time.perf_counter()
-        model(one)
-        times.append(time.perf_counter() - start)
+        times.append(_seconds(model, one, device))
     batch = max(1, min(batch, int(seconds / 4 / max(min(times), 1e-6))))  # warm-up and timed call: ~seconds / 2
     many = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
-    model(many)
-    start = time.perf_counter()
-    model(many)
-    took = time.perf_counter() - start
+    _seconds(model, many, device)
+    took = _seconds(model, many, device)
     return {"latency_ms": round(1000 * float(np.median(times)), 3), "throughput": round(batch / took, 1),
             "batch": batch, "threads": torch.get_num_threads(), "device": str(device)}
+
+
+def _seconds(model, x: torch.Tensor, device: torch.device) -> float:
+    """One call's time; on a GPU until its kernels have finished (they run after the call returns)."""
+    start = time.perf_counter()
+    model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 class Predictor:

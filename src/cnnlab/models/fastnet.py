@@ -35,7 +35,6 @@ class FastNet(nn.Module):
         self.whiten.weight.requires_grad_(False)  # fixed once set from the data; its bias trains
         chans = (stem, *widths)
         self.stages = nn.Sequential(*[_Stage(chans[i], chans[i + 1], bn_momentum) for i in range(len(widths))])
-        self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -43,7 +42,8 @@ class FastNet(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(nn.functional.gelu(self.whiten(x)))
-        return self.head(self.pool(x).flatten(1)) * self.logit_scale
+        return self.head(x.amax((2, 3))) * self.logit_scale  # global max pool (AdaptiveMaxPool2d has no
+        # deterministic CUDA backward, so --deterministic would refuse it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not self.tta:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cnnlab.core.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,6 +42,10 @@ def setup() -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
+            if info.local_world > torch.cuda.device_count():  # set_device would fail with "invalid device ordinal"
+                raise UserError(f"torchrun started {info.local_world} processes on this machine, which has "
+                                f"{torch.cuda.device_count()} GPUs; use --nproc-per-node {torch.cuda.device_count()} "
+                                "(one process per GPU)")
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend)
     return info
