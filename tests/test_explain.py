@@ -14,7 +14,7 @@ from cnnlab import api
 from cnnlab.cli import main
 from cnnlab.data.augment import to_model_input
 from cnnlab.evaluate.explain import METHODS, class_maps, explain_arrays, target_layer
-from cnnlab.evaluate.predict import Predictor
+from cnnlab.evaluate.predict import Predictions, Predictor
 from cnnlab.models import create_model
 from cnnlab.models.checkpoint import load_model
 
@@ -144,7 +144,31 @@ def test_every_method_gives_a_map_of_the_input_size():
     x = torch.randn(2, 3, 32, 32)
     for method in METHODS:
         maps, _ = class_maps(model, x, [0, 1], method)
-        assert maps.shape == (2, 32, 32) and np.isfinite(maps).all() and maps.max() <= 1.0, method
+        assert maps.shape == (2, 32, 32) and np.isfinite(maps).all(), method
+        np.testing.assert_allclose(maps.reshape(2, -1).max(1), 1.0, err_msg=method)  # each map peaks at 1: none empty
+
+
+def test_galleries_map_the_class_said_and_the_true_one(squares, tmp_path, monkeypatch):
+    """misclassified.png maps each mistake's said and true classes; confident.png each right answer's class and
+    runner-up (the class lists handed to the mapper are checked; the panels follow them)."""
+    from cnnlab.evaluate import galleries
+
+    run, data, boxes = squares
+    predictor = Predictor.load(run, engine="torch")
+    paths = list(boxes)[:8]
+    truth = np.array([predictor.classes_.index(p.split("/")[1]) for p in paths])
+    probs = np.full((8, 3), 0.1)
+    said = (truth + np.array([1, 2, 0, 0, 1, 0, 0, 0])) % 3  # images 0, 1 and 4 are mistakes
+    probs[np.arange(8), said] = 0.8
+    probs[np.arange(8), (said + 1) % 3] = 0.1 + np.linspace(0.0, 0.05, 8)  # a runner-up for each
+    probs /= probs.sum(1, keepdims=True)
+    preds = Predictions(paths, truth, probs, tuple(predictor.classes_), 0.0, np.log(probs))
+    asked, real = [], galleries.explain_arrays
+    monkeypatch.setattr(galleries, "explain_arrays", lambda *a: asked.append(sorted(a[4])) or real(*a))
+    written = galleries.write_galleries(predictor.model, predictor.meta, preds, data, tmp_path)
+    assert [p.name for p in written] == ["misclassified.png", "confident.png"]
+    wrong, right = [0, 1, 4], [2, 3, 5, 6, 7]
+    assert asked == [sorted(said[wrong]), sorted(truth[wrong]), sorted(said[right]), sorted((said[right] + 1) % 3)]
 
 
 def _explain_cli(capsys, *args):

@@ -42,3 +42,28 @@ def test_scheduler_drives_the_optimizer():
         sched.step()
     assert lrs == pytest.approx([0.5, 0.5, 0.25, 0.25, 0.125, 0.125])
     assert opt.param_groups[0]["nesterov"] is True
+
+
+@pytest.mark.parametrize("new_epochs", [16, 5])
+def test_a_time_budget_replan_keeps_the_warmup_and_moves_the_end(new_epochs):
+    """Re-planned from 9 to `new_epochs` epochs after 3 (of 88 steps each): one-cycle's warm-up stays 198 steps
+    (a quarter of the first plan; a quarter of the new total would put step 264 back into a warm-up or far past
+    it), the rate at step 264 is the new schedule's, and the decay reaches zero at the new last step."""
+    from cnnlab.train.loop import _replanned
+
+    cfg = TrainConfig(optimizer="sgd", lr=0.2, epochs=9, schedule="onecycle")
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    sched = build_scheduler(opt, cfg, 88)
+    for _ in range(264):
+        opt.step()
+        sched.step()
+    before = opt.param_groups[0]["lr"]
+    new, sched = _replanned(opt, sched, cfg, new_epochs, 88)
+    assert new.epochs == new_epochs and round(new.warmup_epochs * 88) == 198
+    after = opt.param_groups[0]["lr"]
+    assert after == pytest.approx(0.2 * (1 - (264 - 198) / (new_epochs * 88 - 198)))
+    assert (after > before) == (new_epochs > 9)  # a longer run decays more slowly from here, a shorter one faster
+    for _ in range(new_epochs * 88 - 264 - 1):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 / (new_epochs * 88 - 198), abs=1e-9)  # one step from 0

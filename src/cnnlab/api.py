@@ -158,7 +158,9 @@ def explain(run: str | Path, images: list[str], target: str | None = None, metho
         name = predictor.classes_[explanation.target]
         side = display_side(predictor.image_size)
         picture = explanation.image.transpose(1, 2, 0)
-        png = f"{p.stem}.png" if f"{p.stem}.png" not in pngs else f"{p.stem}-{len(pngs)}.png"
+        png, n = f"{p.stem}.png", 1
+        while png in pngs:  # the same name from another folder: numbered, never overwritten
+            png, n = f"{p.stem}-{n}.png", n + 1
         pngs[png] = image_grid([picture, overlay(explanation.image, explanation.cam, side)],
                                [f"{p.name[:40]}\nas the model sees it", f"{method}, layer {explanation.layer}\n"
                                 f"map of {name} ({probs[explanation.target]:.2f})"], ncols=2, side=side)

@@ -56,6 +56,7 @@ def _explain_parser(sub) -> None:
     p.add_argument("images", nargs="+")
     p.add_argument("--class", dest="target", metavar="C", help="map this class (name or index; default: the "
                    "predicted one)")
+    # the names of evaluate/explain.py's METHODS, written out: importing it here would load torch before --help
     p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++, xgradcam, layercam, "
                    "smoothgradcam++ or scorecam")
     p.add_argument("--layer", help="the layer to map (a module name; default: the deepest with a 6 x 6 grid or finer)")

@@ -367,13 +367,14 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def save_epochs(path: Path, epochs: int) -> None:
-    """Rewrite a run's config.yaml with `train.epochs` changed (a time budget re-planned them), so a resume
-    follows the schedule the run has."""
+def save_train(path: Path, **changes) -> None:
+    """Rewrite a run's config.yaml with train settings changed. The one exception to "a config is never
+    changed": a time budget re-plans the epochs (and keeps the warm-up's steps) during the run, and a resume
+    must follow the schedule the run has."""
     from cnnlab.core.runs import atomic_write
 
     used = load_config(path)
-    atomic_write(path, dump_config(dataclasses.replace(used, train=dataclasses.replace(used.train, epochs=epochs))))
+    atomic_write(path, dump_config(dataclasses.replace(used, train=dataclasses.replace(used.train, **changes))))
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -55,7 +55,7 @@ def plot_class_counts(counts: dict[str, dict[str, int]], ax=None, title: str = "
 def image_grid(images: list[np.ndarray], titles: list[str], ncols: int = 8, title: str = "",
                colors: list[str] | None = None, side: int = 96) -> bytes:
     """PNG bytes of HxWx3 uint8 images in a grid, each drawn `side` pixels wide under a caption of up to
-    two lines. Pillow draws it in milliseconds; a matplotlib grid cost about 0.7 s on every run."""
+    two lines. Pillow draws it in milliseconds; a matplotlib figure of 48 images took 0.7 s here (2026-12-01)."""
     from PIL import Image, ImageDraw, ImageFont
 
     font, heading = ImageFont.load_default(size=11), ImageFont.load_default(size=14)
@@ -63,7 +63,8 @@ def image_grid(images: list[np.ndarray], titles: list[str], ncols: int = 8, titl
     ncols = min(ncols, n)
     nrows = (n + ncols - 1) // ncols
     gap, caption, top = 8, 30, (26 if title else 4)
-    canvas = Image.new("RGB", (gap + ncols * (side + gap), top + nrows * (caption + side + gap)), "white")
+    width = max(gap + ncols * (side + gap), int(heading.getlength(title)) + 2 * gap if title else 0)
+    canvas = Image.new("RGB", (width, top + nrows * (caption + side + gap)), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((canvas.width // 2, 6), title, fill="black", font=heading, anchor="ma")

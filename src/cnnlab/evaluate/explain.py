@@ -1,11 +1,11 @@
 """Class-activation maps: which pixels the network's answer for a class rests on.
 
-The methods are torchcam's (`METHODS`); it was chosen over pytorch-grad-cam and captum because its
-maps are the same (Grad-CAM maps of the three agree to a correlation of 0.9999 on cnnlab's
-networks), it needs nothing beyond torch, numpy and Pillow (pytorch-grad-cam pulls in 150 MB of
-OpenCV, and took 1.7-2.5x torchcam's time for a batch of maps here), captum (as fast) offers Grad-CAM
-only, while torchcam has the methods people ask for by name (Grad-CAM, Grad-CAM++, XGradCAM,
-LayerCAM, Smooth Grad-CAM++, Score-CAM), and it had a release in 2026.
+The methods are torchcam's (`METHODS`). It was chosen over pytorch-grad-cam and captum in a one-off
+comparison on fastnet and report000_cnn (2026-12-01, not a recorded benchmark): the three libraries'
+Grad-CAM maps agreed to a correlation of 0.9999; pytorch-grad-cam took about twice torchcam's time
+for a batch of maps and pulls in OpenCV (153 MB installed); captum, as fast, offers Grad-CAM only;
+torchcam needs nothing beyond torch, numpy and Pillow, has the methods people ask for by name
+(Grad-CAM, Grad-CAM++, XGradCAM, LayerCAM, Smooth Grad-CAM++, Score-CAM) and had a release in 2026.
 
 A map is computed on the function the model serves:
 - in eval mode, so BatchNorm uses its running statistics (a frozen pretrained backbone's included)
@@ -19,9 +19,9 @@ The target layer is chosen per family: each model offers its candidates (`explai
 its stages, a layer list its layers, a pretrained network its backbone's blocks), and the default is
 the deepest whose output is still a grid of at least 6 x 6 cells: the last block of every timm and
 torchvision backbone at 224 px (7 x 7), and for the small networks on 32 px images the stage before
-the last (FastNet's last stage is 3 x 3, too coarse to say where in the image the evidence is: on
-the coloured-square set with 10 px squares its maps held 18% of their mass in the square, the
-stage before 42%).
+the last (FastNet's last stage is 3 x 3, too coarse to say where in the image the evidence is: in a
+trial on coloured 10 px squares its maps held less than half as much of their mass in the square as
+the stage before; benchmarks/explain.py records the default layer's scores).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from cnnlab.data.augment import to_model_input
 METHODS = {"gradcam": methods.GradCAM, "gradcam++": methods.GradCAMpp, "xgradcam": methods.XGradCAM,
            "layercam": methods.LayerCAM, "smoothgradcam++": methods.SmoothGradCAMpp, "scorecam": methods.ScoreCAM}
 DEFAULT_METHOD = "gradcam"
-MIN_GRID = 6  # cells a side: a 3 x 3 grid cannot say where the evidence is; 6 x 6 (a backbone at 96 px) can
+MIN_GRID = 6  # cells a side: a 3 x 3 grid cannot say where the evidence is; 6 x 6 (a stride-32 backbone at 192 px) can
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,24 @@ def _served(model: torch.nn.Module):
             model.tta = tta
 
 
+@contextlib.contextmanager
+def _any_kernels():
+    """Deterministic mode off while mapping: after a `--deterministic` training it is still on, and CUDA has no
+    deterministic backward for the adaptive pooling of most backbones (the map is not trained on anyway)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def class_maps(model: torch.nn.Module, x: torch.Tensor, targets: list[int], method: str = DEFAULT_METHOD,
                layer: str | None = None) -> tuple[np.ndarray, str]:
     """Maps (N, S, S) in [0, 1] of class `targets[i]` for normalised inputs `x` (N, 3, S, S), and the layer used."""
     check_method(method)
     name = target_layer(model, x.shape[-1], layer)
-    with _served(model) as tta:
+    with _served(model) as tta, _any_kernels():
         views = [False, True] if tta else [False]
         total = torch.zeros(len(x), *x.shape[-2:])
         for mirrored in views:
@@ -177,7 +189,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, side: int | None = None, alpha: 
 
 @functools.cache
 def _jet() -> np.ndarray:
-    """matplotlib's jet colours as a 256 x 3 table (a colormap lookup per call cost ~20 ms a map)."""
+    """matplotlib's jet colours as a 256 x 3 table, made once (looking a colormap up copies it)."""
     from matplotlib import colormaps  # the colour table only; no figure
 
     return (colormaps["jet"](np.arange(256) / 255.0)[:, :3] * 255).astype(np.float32)

@@ -33,10 +33,10 @@ def write_galleries(model, preprocessing: dict, preds: Predictions, data_root: P
     confidence = probs[np.arange(len(pred)), pred]
     wrong, right = np.flatnonzero(pred != preds.targets), np.flatnonzero(pred == preds.targets)
     written = []
-    for picked, second, path, heading in (
-            (wrong, preds.targets, RunFolder(out_dir).misclassified,
+    for picked, second, is_truth, path, heading in (
+            (wrong, preds.targets, True, RunFolder(out_dir).misclassified,
              "Misclassified, most confident first: the image, the map of the class it said, the map of the true class"),
-            (right, runner_up, RunFolder(out_dir).confident,
+            (right, runner_up, False, RunFolder(out_dir).confident,
              "Right, most confident first: the image, the map of its class, the map of the runner-up")):
         picked = picked[np.argsort(-confidence[picked], kind="stable")]
         rows = _decoded(picked, preds.paths, data_root, preprocessing, n)
@@ -51,7 +51,7 @@ def write_galleries(model, preprocessing: dict, preds: Predictions, data_root: P
             truth, answer = classes[preds.targets[i]], classes[pred[i]]
             images += [a.transpose(1, 2, 0), m1, m2]
             titles += [f"true: {truth}\nsaid: {answer} {confidence[i]:.2f}", f"map: {answer}",
-                       f"map: {classes[second[i]]}" + ("" if second is preds.targets else f" {probs[i, second[i]]:.2f}")]
+                       f"map: {classes[second[i]]}" + ("" if is_truth else f" {probs[i, second[i]]:.2f}")]
             colours += ["darkred" if answer != truth else "darkgreen", "black", "black"]
         written.append(atomic_write(path, image_grid(images, titles, ncols=6, title=heading, colors=colours,
                                                      side=112)))

@@ -21,6 +21,7 @@ shared by requests instead. None leaves both libraries' defaults.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass
@@ -282,7 +283,7 @@ class Predictor:
         """A private copy of the fp32 model: a map hooks its layers and turns TTA off while it runs, which must
         not touch the model a concurrent `predict` runs on (the torch engine's)."""
         if self._explained is None:
-            model = load_model(self.folder)[0]
+            model = copy.deepcopy(self.model) if self.model is not None else load_model(self.folder)[0]
             self._explained = model, target_layer(model, self.image_size)
         return self._explained
 

@@ -214,9 +214,6 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
             return (None if name is None else predictor.class_index(name)), check_method(method)
         except UserError as e:
             raise HTTPException(422, str(e)) from None
-        except ValueError:  # class_index reads any str.isdigit() text ("²") as an index, which int() refuses
-            raise HTTPException(422, f"class {name!r} is not one of the model's classes: "
-                                f"{', '.join(predictor.classes_)} (or their index)") from None
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -269,6 +266,8 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
                 png, explanation, probs = await run_in_threadpool(_render, predictor, data, target, method)
             except DecodeError as e:
                 raise _unusable(e) from None
+            except UserError as e:  # the model for maps would not load here: the server cannot explain
+                raise HTTPException(503, f"cannot explain: {e}") from None
         k = explanation.target
         return Response(png, media_type="image/png", headers={
             "X-Explained-Class": quote(predictor.classes_[k], safe=""), "X-Class-Index": str(k),

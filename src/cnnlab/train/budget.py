@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.core.config import MAX_BUDGET_EPOCHS, Config, TrainConfig, parse_duration, save_epochs
+from cnnlab.core.config import MAX_BUDGET_EPOCHS, Config, TrainConfig, parse_duration, save_train
 from cnnlab.core.errors import UserError
 from cnnlab.data.splits import Split
 from cnnlab.models import create_model, get_entry
@@ -118,7 +118,7 @@ def epochs_now(record: dict, train_cfg: TrainConfig, counts: dict, started: floa
     if epochs != train_cfg.epochs:
         log(f"time budget: {epochs} epochs fit now that the data is loaded (planned {train_cfg.epochs})")
         record["epochs"] = epochs
-        save_epochs(config_path, epochs)
+        save_train(config_path, epochs=epochs)
     return dataclasses.replace(train_cfg, epochs=epochs)
 
 
@@ -128,8 +128,8 @@ def deadline(record: dict, counts: dict, started: float) -> float:
 
 
 def _after(record: dict, counts: dict) -> float:
-    rate = record["rates"][record["model"]]
-    return (counts["val"] + counts["test"]) / rate["eval_images_per_second"] + FINISH_SECONDS
+    rate = Rate(record["model"], 0.0, record["rates"][record["model"]]["eval_images_per_second"])
+    return rate.after_seconds(counts["val"], counts["test"])
 
 
 def probe(name: str, cfg: Config, num_classes: int, size: int, device: torch.device, precision: str,
@@ -161,6 +161,8 @@ def probe(name: str, cfg: Config, num_classes: int, size: int, device: torch.dev
 def _timed(fn, device: torch.device) -> float:
     """Median seconds of `fn` over about PROBE_SECONDS (at least 2 calls), after one untimed call."""
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times: list[float] = []
     while len(times) < 2 or (sum(times) < PROBE_SECONDS and len(times) < 20):
         start = time.perf_counter()

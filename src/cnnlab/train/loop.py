@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from cnnlab.core import signals
-from cnnlab.core.config import MAX_BUDGET_EPOCHS, TrainConfig, save_epochs
+from cnnlab.core.config import MAX_BUDGET_EPOCHS, TrainConfig, save_train
 from cnnlab.core.runs import RunFolder, write_csv
 from cnnlab.train.checkpoints import restore_training, save_checkpoint
 from cnnlab.train.distributed import DistInfo, all_sum
-from cnnlab.train.optim import build_optimizer, build_scheduler
+from cnnlab.train.optim import build_optimizer, build_scheduler, warmup_steps
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "phase"]
 
@@ -134,13 +134,17 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
-def _rescheduled(optimizer, scheduler, cfg: TrainConfig, steps_per_epoch: int):
-    """The schedule for `cfg.epochs`, at the step the old one had reached."""
+def _replanned(optimizer, scheduler, cfg: TrainConfig, epochs: int, steps_per_epoch: int):
+    """`cfg` with `epochs` and the schedule for them, at the step the old one had reached: the warm-up keeps
+    its length in steps (a one-cycle warm-up is a share of the total, which would otherwise move), the decay
+    is stretched or shrunk to end at the new last step."""
+    warm = warmup_steps(steps_per_epoch, cfg)
+    cfg = dataclasses.replace(cfg, epochs=epochs, warmup_epochs=warm / steps_per_epoch)
     done = scheduler.last_epoch
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scheduler.last_epoch = done - 1
     scheduler.step()
-    return scheduler
+    return cfg, scheduler
 
 
 def _finite(model: nn.Module) -> bool:
@@ -203,7 +207,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
 
     status, message = "completed", ""
     with signals.deferred():
-        epoch = p["epoch"]
+        epoch = first = p["epoch"]
         while epoch <= cfg.epochs:
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
@@ -242,30 +246,32 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             if dist.main:
                 write_csv(RunFolder(run_dir).history, HISTORY_COLUMNS,
                           ([r[c] for c in HISTORY_COLUMNS] for r in [*earlier, *p["history"]]))
-            checkpoint(epoch + 1, 0, (0.0, 0, 0))
-            log(("" if phase == "scratch" else f"{phase} ") + f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-                f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.3g}  {row['seconds']:.1f}s"
-                + ("  *" if improved else ""))
-            if cfg.patience and p["stale"] >= cfg.patience:
-                status = "early_stopped"
-                message = f"no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {p['best_epoch']}"
-                break
-            if deadline is not None and epoch < cfg.epochs:  # a time budget: the epochs that fit at this pace
-                left, pace = deadline - time.monotonic(), row["seconds"]
+            if deadline is not None and epoch < cfg.epochs and epoch > first:  # a time budget (the first epoch
+                # pays one-off costs: kernel choice, compilation): the epochs that fit at this epoch's pace
+                pace = max(time.perf_counter() - start, 1e-3)
+                left = deadline - time.monotonic()
                 total = min(MAX_BUDGET_EPOCHS, epoch + int(left // pace))
                 if total <= epoch:
                     status = "early_stopped"
                     message = (f"time budget: epoch {epoch + 1} of {cfg.epochs} would end after the budget leaves for "
                                f"the evaluation (epochs took {pace:.1f} s); best epoch {p['best_epoch']}")
-                    break
                 spare = left - (cfg.epochs - epoch) * pace  # seconds the planned epochs leave unused (< 0: overrun)
-                if spare < -0.25 * pace or (spare >= pace and total > cfg.epochs):  # over by a quarter, or one more fits
-                    log(f"time budget: {total} epochs fit at {row['seconds']:.1f} s per epoch (planned {cfg.epochs}); "
-                        "the schedule now ends there")
-                    cfg = dataclasses.replace(cfg, epochs=total)
-                    scheduler = _rescheduled(optimizer, scheduler, cfg, len(loaders.train))
+                if total > epoch and (spare < -0.25 * pace or (spare >= pace and total > cfg.epochs)):
+                    log(f"time budget: {total} epochs fit at {pace:.1f} s per epoch (planned {cfg.epochs}); the "
+                        "schedule's decay now ends there")
+                    cfg, scheduler = _replanned(optimizer, scheduler, cfg, total, len(loaders.train))
                     if dist.main:
-                        save_epochs(RunFolder(run_dir).config, total)
+                        save_train(RunFolder(run_dir).config, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+            checkpoint(epoch + 1, 0, (0.0, 0, 0))
+            log(("" if phase == "scratch" else f"{phase} ") + f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+                f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.3g}  {row['seconds']:.1f}s"
+                + ("  *" if improved else ""))
+            if status == "early_stopped":  # the time budget, above
+                break
+            if cfg.patience and p["stale"] >= cfg.patience:
+                status = "early_stopped"
+                message = f"no {cfg.monitor} improvement for {cfg.patience} epochs; best epoch {p['best_epoch']}"
+                break
             stop = float(bool(signals.requested()))
             if dist.active:  # every rank stops after the same epoch, or they wait on each other for ever
                 stop = all_sum([stop], dist, device)[0]

@@ -20,12 +20,19 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer}")  # config validation already names the choices
 
 
+def warmup_steps(steps_per_epoch: int, cfg: TrainConfig) -> int:
+    """The steps of the linear warm-up: train.warmup_epochs, or for one-cycle (which always rises first) a
+    quarter of all steps."""
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch, 6))
+    if cfg.schedule == "onecycle":
+        warm = warm or max(1, int(0.25 * max(1, cfg.epochs * steps_per_epoch)))
+    return warm
+
+
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Multiplier on cfg.lr at optimizer step `step` (0-based): warm-up, then the schedule."""
     total = max(1, cfg.epochs * steps_per_epoch)
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
-        warm = warm or max(1, int(0.25 * total))  # one-cycle always rises first
+    warm = warmup_steps(steps_per_epoch, cfg)
     if step < warm:
         return 0.01 + 0.99 * step / warm
     epoch = step / steps_per_epoch

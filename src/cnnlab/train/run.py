@@ -86,12 +86,13 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     device = device_for(dist)
     threads = set_threads(cfg.train.threads, dist.local_world)
     precision = resolve_precision(cfg.train.precision, device)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)  # the kernels the probe below measures
     planned = None  # a resumed run keeps the plan its config.yaml recorded
     if budget_seconds(cfg) and not resume:
         if dist.active:
             raise UserError("train.time_budget plans a run on one process; under torchrun set train.epochs")
         cfg, planned = plan_budget(cfg, split, started, device, precision, log)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
+        seed_everything(cfg.train.seed, cfg.train.deterministic)  # the probe drew random numbers
     model = build_model(cfg, split, log)
     run_info = {"split_sha256": manifest_hash(split), "world": dist.world}
     saved_info = {k: checkpoint[1]["progress"].get("run", {}).get(k) for k in run_info} if checkpoint else run_info
@@ -369,7 +370,9 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
         summary["inference"] = inference_speed(model, ctx.model.size, ctx.device)
         ctx.log(f"test accuracy {summary['test']['accuracy']:.4f}  macro F1 {summary['test']['f1_macro']:.4f}  "
                 f"loss {summary['test']['loss']:.4f}  (best epoch {result.best_epoch})")
-    if ctx.budget:
+    if ctx.budget:  # the epochs as last re-planned (config.yaml has them)
+        summary["train"] = config_to_dict(load_config(folder.config))["train"]
+        ctx.budget["epochs"] = summary["train"]["epochs"]
         summary["budget"] = {**ctx.budget, "epochs_run": len(result.history),
                              "seconds_at_summary": round(time.monotonic() - ctx.started, 1)}
     save_json(folder.summary, summary)
