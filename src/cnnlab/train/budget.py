@@ -104,9 +104,9 @@ def _epochs_that_fit(rate: Rate, counts: dict, batch: int, left: float) -> int:
 
 
 def _whole_epochs(left: float, after: float, per_epoch: float) -> int:
-    """Whole epochs in the `left` seconds but the `after` the final evaluation needs, rounded up where the
-    overrun is within 5% of what is left (a budget is a target: ending early wastes it as surely as late)."""
-    return max(0, min(MAX_BUDGET_EPOCHS, math.floor((left - after + 0.05 * left) / per_epoch)))
+    """The whole number of epochs nearest to what the `left` seconds hold but the `after` the final evaluation
+    needs: a budget is a target, and ending half an epoch early misses it as much as half an epoch late."""
+    return max(0, min(MAX_BUDGET_EPOCHS, math.floor((left - after) / per_epoch + 0.5)))
 
 
 def epochs_now(record: dict, train_cfg: TrainConfig, counts: dict, started: float, config_path: Path,

@@ -249,14 +249,18 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             if deadline is not None and epoch < cfg.epochs and epoch > first:  # a time budget (the first epoch
                 # pays one-off costs: kernel choice, compilation): the epochs that fit at this epoch's pace
                 pace = max(time.perf_counter() - start, 1e-3)
-                left = deadline - time.monotonic()
-                total = min(MAX_BUDGET_EPOCHS, epoch + int(left // pace))
-                if total <= epoch:
+                held, planned = (deadline - time.monotonic()) / pace, cfg.epochs - epoch  # epochs the time left holds
+                if held < 0.5:  # not even the nearest whole number of epochs is one
                     status = "early_stopped"
                     message = (f"time budget: epoch {epoch + 1} of {cfg.epochs} would end after the budget leaves for "
                                f"the evaluation (epochs took {pace:.1f} s); best epoch {p['best_epoch']}")
-                spare = left - (cfg.epochs - epoch) * pace  # seconds the planned epochs leave unused (< 0: overrun)
-                if total > epoch and (spare < -0.25 * pace or (spare >= pace and total > cfg.epochs)):
+                more = planned
+                if held < planned - 0.5:  # over by half an epoch: the nearest whole number
+                    more = math.floor(held + 0.5)
+                elif held >= planned + 0.75:  # 3/4 of one more fits (not 1/2: one epoch's noise must not flip it back)
+                    more = math.floor(held + 0.25)
+                if status != "early_stopped" and more != planned:
+                    total = min(MAX_BUDGET_EPOCHS, epoch + more)
                     log(f"time budget: {total} epochs fit at {pace:.1f} s per epoch (planned {cfg.epochs}); the "
                         "schedule's decay now ends there")
                     cfg, scheduler = _replanned(optimizer, scheduler, cfg, total, len(loaders.train))
