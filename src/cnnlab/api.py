@@ -26,7 +26,7 @@ from cnnlab.data.audit import AuditReport, audit as _audit, format_report, write
 from cnnlab.data.decode import DecodeError, is_image_name
 from cnnlab.data.sources import resolve_data, scan_folder
 from cnnlab.evaluate.evaluation import evaluate_run
-from cnnlab.evaluate.explain import DEFAULT_METHOD, check_method, display_side, overlay
+from cnnlab.evaluate.explain import DEFAULT_METHOD, check_method, overlay
 from cnnlab.evaluate.predict import Predictor
 from cnnlab.models import create_model, get_entry, list_families, list_models
 from cnnlab.models import weights as _weights
@@ -156,14 +156,13 @@ def explain(run: str | Path, images: list[str], target: str | None = None, metho
             results.append({"path": str(path), "error": f"not a usable image: {e}"})
             continue
         name = predictor.classes_[explanation.target]
-        side = display_side(predictor.image_size)
-        picture = explanation.image.transpose(1, 2, 0)
+        drawn = overlay(explanation.image, explanation.cam)
         png, n = f"{p.stem}.png", 1
         while png in pngs:  # the same name from another folder: numbered, never overwritten
             png, n = f"{p.stem}-{n}.png", n + 1
-        pngs[png] = image_grid([picture, overlay(explanation.image, explanation.cam, side)],
+        pngs[png] = image_grid([explanation.image.transpose(1, 2, 0), drawn],
                                [f"{p.name[:40]}\nas the model sees it", f"{method}, layer {explanation.layer}\n"
-                                f"map of {name} ({probs[explanation.target]:.2f})"], ncols=2, side=side)
+                                f"map of {name} ({probs[explanation.target]:.2f})"], ncols=2, side=drawn.shape[0])
         order = np.argsort(-probs)
         results.append({"path": str(path), "explained": name, "method": method, "layer": explanation.layer,
                         "probabilities": {predictor.classes_[i]: round(float(probs[i]), 6) for i in order},

@@ -178,9 +178,10 @@ def explain_arrays(model: torch.nn.Module, arrays: list[np.ndarray], mean, std, 
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, side: int | None = None, alpha: float = 0.5) -> np.ndarray:
-    """HxWx3 uint8: the image (3 x S x S) at `side` pixels with the map over it in the jet colours."""
+    """HxWx3 uint8: the image (3 x S x S) at `side` pixels (default `display_side(S)`) with the map over it in
+    the jet colours."""
     picture = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)))
-    side = side or picture.width
+    side = side or display_side(picture.width)
     picture = picture.resize((side, side), Image.Resampling.BICUBIC)
     heat = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
     colours = _jet()[np.asarray(heat)]

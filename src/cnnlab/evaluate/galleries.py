@@ -16,7 +16,7 @@ import numpy as np
 from cnnlab.core.figures import image_grid
 from cnnlab.core.runs import RunFolder, atomic_write
 from cnnlab.data.decode import DecodeError, load_array
-from cnnlab.evaluate.explain import display_side, explain_arrays, overlay
+from cnnlab.evaluate.explain import explain_arrays, overlay
 from cnnlab.evaluate.predict import Predictions
 
 PER_GALLERY = 12  # images per gallery, three panels each
@@ -72,6 +72,4 @@ def _decoded(picked: np.ndarray, paths: list[str], root: Path, pre: dict, n: int
 
 
 def _maps(model, arrays: list[np.ndarray], pre: dict, targets) -> list[np.ndarray]:
-    side = display_side(int(pre["image_size"]))
-    return [overlay(e.image, e.cam, side)
-            for e in explain_arrays(model, arrays, pre["mean"], pre["std"], [int(t) for t in targets])]
+    return [overlay(e.image, e.cam) for e in explain_arrays(model, arrays, pre["mean"], pre["std"], [int(t) for t in targets])]

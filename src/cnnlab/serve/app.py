@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from cnnlab.core.errors import UserError
 from cnnlab.data.decode import DecodeError, ImageTooLarge, NotAnImage
-from cnnlab.evaluate.explain import DEFAULT_METHOD, METHODS, check_method, display_side, overlay, png_bytes
+from cnnlab.evaluate.explain import DEFAULT_METHOD, METHODS, check_method, overlay, png_bytes
 from cnnlab.evaluate.predict import Predictor
 from cnnlab.models.checkpoint import bundle_folder
 from cnnlab.serve.middleware import BodyLimit, Metrics
@@ -105,7 +105,7 @@ def _render(predictor: Predictor, data: bytes, target: int | None, method: str):
     """(PNG bytes, Explanation, probabilities): the map of class `target` over the image. A worker thread's
     work: a forward and a backward pass in PyTorch, the first call also loading the fp32 weights."""
     explanation, probs = predictor.explain(data, target, method)
-    return png_bytes(overlay(explanation.image, explanation.cam, display_side(predictor.image_size))), explanation, probs
+    return png_bytes(overlay(explanation.image, explanation.cam)), explanation, probs
 
 
 def _errors(why: dict[int, str]) -> dict:
