@@ -4,7 +4,8 @@
 
 For each budget, `cnnlab train --data <shared CIFAR-10 JPEG copy> --time-budget B` runs as a user
 would run it (the default recipe, the network and epochs left to the plan), timed from outside the
-process; the table gives the plan (network, epochs), the measured rates it was made from, the wall
+process; the table gives the plan (network, epochs, steps: the last epoch may be cut short, and the
+steps are re-planned after every epoch from the second on), the measured rates it was made from, the wall
 time against the budget (the target is within 10%) and the test accuracy.
 """
 
@@ -31,8 +32,9 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["2m", "5m"])
     args = ap.parse_args()
     out = ROOT / "benchmarks" / "out" / "time_budget"
-    rows = ["| budget | network | epochs planned / run | epoch s (measured before training) | s before training | "
-            "wall s (whole command) | wall / budget | test accuracy | status |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| budget | network | epochs planned / run | steps planned / run (per epoch) | "
+            "epoch s (measured before training) | s before training | wall s (whole command) | wall / budget | "
+            "test accuracy | status |", "|---|---|---|---|---|---|---|---|---|---|"]
     for text in args.budgets:
         budget = parse_duration(text)
         start = time.perf_counter()
@@ -45,7 +47,8 @@ def main() -> None:
         s = json.loads((run / "summary.json").read_text())
         plan = s["budget"]
         rate = plan["rates"][plan["model"]]["epoch_seconds"]
-        rows.append(f"| {text} | {plan['model']} | {plan['epochs_planned']} / {plan['epochs_run']} | {rate:.1f} | "
+        rows.append(f"| {text} | {plan['model']} | {plan['epochs_planned']} / {plan['epochs_run']} | "
+                    f"{plan['steps_planned']:,} / {plan['steps']:,} ({plan['steps_per_epoch']}) | {rate:.1f} | "
                     f"{plan['seconds_before_planning']:.0f} | {wall:.0f} | {wall / budget:.2f} | "
                     f"{s['test']['accuracy']:.2%} | {s['status']} |")
         print(rows[-1], flush=True)

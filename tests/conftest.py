@@ -20,6 +20,22 @@ sys.path.insert(0, str(Path(__file__).parent))  # for tests/hostile.py
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs a worker per core), each worker is pinned to its own share of the
+    cores: its torch and the cnnlab processes it starts (they inherit the pinning and size their threads by
+    it, core/env.py) never oversubscribe the machine, so what one worker runs does not slow the other's
+    threads to a crawl. More workers than cores are left unpinned."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if count <= len(cores):
+        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count::count])
+        import torch  # before any test imports it: its intra-op threads, one per core this worker owns
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """Keep every cache the tests read or fill out of the user's home: cnnlab's tensor/archive/weights

@@ -34,9 +34,9 @@ def _split(root):
 
 
 @pytest.mark.parametrize("seconds,chosen,epochs,probed", [
-    (400, "fastnet_l", 65, ["fastnet", "fastnet_m", "fastnet_l"]),  # (400 - 8 s for the report) / 6 s, rounded
-    (50, "fastnet_m", 14, ["fastnet", "fastnet_m", "fastnet_l"]),  # fastnet_l: 7 epochs, too few
-    (30, "fastnet", 22, ["fastnet", "fastnet_m"]),  # fastnet_m: 7 epochs, so fastnet_l is not even probed
+    (400.5, "fastnet_l", 65, ["fastnet", "fastnet_m", "fastnet_l"]),  # (400.5 - 8 s for the report) / 6 s, down
+    (50.5, "fastnet_m", 14, ["fastnet", "fastnet_m", "fastnet_l"]),  # fastnet_l: 7 epochs, too few
+    (30.5, "fastnet", 22, ["fastnet", "fastnet_m"]),  # fastnet_m: 7 epochs, so fastnet_l is not even probed
 ])
 def test_the_widest_network_that_gets_ten_epochs_is_chosen(squares, monkeypatch, seconds, chosen, epochs, probed):
     """With rates fixed (fastnet 1 s per step, fastnet_m 3 s, fastnet_l 6 s, one step an epoch here, evaluation
@@ -54,8 +54,39 @@ def test_the_widest_network_that_gets_ten_epochs_is_chosen(squares, monkeypatch,
     assert len(split.of("train")) <= cfg.train.batch_size  # one step an epoch
     planned, record = budget.plan(cfg, split, time.monotonic(), None, "fp32", log=lambda line: None)
     assert planned.model.name == record["model"] == chosen
-    assert planned.train.epochs == record["epochs"] == epochs
-    assert probed_names == probed
+    assert planned.train.epochs == record["epochs"] == record["steps"] == epochs  # one step an epoch
+    assert planned.train.last_epoch_steps == 0 and probed_names == probed
+
+
+def test_the_last_epoch_is_cut_to_the_steps_that_fit(squares, monkeypatch):
+    """At batch 30, 9 steps an epoch (270 training images) of 1 s each and a validation pass of 3 s (30 images at
+    10 per second), 84.5 s less 8 s for the report and 9 s for the final validation and test passes (90 images)
+    hold 5 whole epochs (60 s) and 7.5 s: 4 steps and the validation pass after them."""
+    monkeypatch.setattr(budget, "probe", lambda name, *a: budget.Rate(name, 1.0, 10.0))
+    cfg = load_config(None, {"data": {"path": str(squares)}, "model": {"name": "fastnet"},
+                             "train": {"time_budget": "84.5s", "batch_size": 30}})
+    split = _split(squares)
+    assert split.sizes() == {"train": 270, "val": 30, "test": 60}
+    planned, record = budget.plan(cfg, split, time.monotonic(), None, "fp32", log=lambda line: None)
+    assert (planned.train.epochs, planned.train.last_epoch_steps) == (6, 4)
+    assert record["steps"] == 49 and record["steps_per_epoch"] == 9
+
+
+@pytest.mark.parametrize("seconds,steps", [(100, 65), (96, 61), (95.5, 60), (15, 10), (14.9, 9), (5.5, 0)])
+def test_steps_that_fit(seconds, steps):
+    """10 steps an epoch of 1 s each and 5 s of validation after every epoch, whole or cut short: an epoch is
+    15 s; 100 s hold 6 of them and 5 steps with their validation pass; 95.5 s hold 6 and half a step; 5.5 s
+    not one step and its validation pass."""
+    from cnnlab.train.loop import steps_that_fit
+
+    assert steps_that_fit(seconds, 1.0, 5.0, 10) == steps
+
+
+def test_an_epoch_cut_to_under_a_tenth_of_its_steps_is_not_begun():
+    from cnnlab.train.loop import steps_that_fit
+
+    assert steps_that_fit(95 + 0.9, 0.1, 5.0, 100) == 600  # 6 epochs and 9 steps of 100: not worth their validation pass
+    assert steps_that_fit(95 + 1.05, 0.1, 5.0, 100) == 610
 
 
 def test_a_named_network_keeps_its_name(squares, monkeypatch):
@@ -99,3 +130,18 @@ def test_bad_budgets_are_refused(squares, tmp_path, capsys, args, message):
     code = main(["train", "--data", str(squares), *args, "--out", str(tmp_path), "--no-progress"])
     assert code == 2 and message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_cut_short_last_epoch_trains_only_its_steps(squares, tmp_path, capsys):
+    """train.last_epoch_steps (what a budget plans): 2 epochs at batch 10 with the last cut to 2 steps make
+    one epoch's steps and 2 more, as the checkpoint's scheduler and optimizer count them."""
+    from cnnlab.train.checkpoints import load_checkpoint
+
+    code = main(["train", "--data", str(squares), "--model", "fastnet", "--epochs", "2", "--batch-size", "10",
+                 "--precision", "fp32", "--set", "train.last_epoch_steps=2", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    (run,) = tmp_path.iterdir()
+    train_images = sum(1 for row in (run / "split.csv").read_text().splitlines() if row.split(",")[2:3] == ["train"])
+    tensors, meta = load_checkpoint(run)
+    assert meta["scheduler"]["last_epoch"] == -(-train_images // 10) + 2
+    assert len((run / "history.csv").read_text().strip().splitlines()) == 1 + 2

@@ -58,8 +58,8 @@ def test_a_time_budget_replan_keeps_the_warmup_and_moves_the_end(new_epochs):
         opt.step()
         sched.step()
     before = opt.param_groups[0]["lr"]
-    new, sched = _replanned(opt, sched, cfg, new_epochs, 88)
-    assert new.epochs == new_epochs and round(new.warmup_epochs * 88) == 198
+    new, sched = _replanned(opt, sched, cfg, new_epochs * 88, 88)
+    assert new.epochs == new_epochs and new.last_epoch_steps == 0 and round(new.warmup_epochs * 88) == 198
     after = opt.param_groups[0]["lr"]
     assert after == pytest.approx(0.2 * (1 - (264 - 198) / (new_epochs * 88 - 198)))
     assert (after > before) == (new_epochs > 9)  # a longer run decays more slowly from here, a shorter one faster

@@ -20,9 +20,9 @@ import cnnlab.train.run
 import cnnlab.train.setup
 from cnnlab.cli import main
 
-ARGS = ["--model", "cnn_small", "--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--seed", "5",
+ARGS = ["--model", "cnn_small", "--image-size", "16", "--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--seed", "5",
         "--deterministic", "--precision", "fp32", "--no-progress", "--set", "data.limit_per_class=30",
-        "--set", "data.val_fraction=0.3", "--set", "train.checkpoint_steps=4", "--set", "train.threads=2"]
+        "--set", "data.val_fraction=0.3", "--set", "train.checkpoint_steps=4"]
 COMPLETE = ["config.yaml", "split.csv", "history.csv", "model.safetensors", "model.json", "summary.json",
             "predictions.csv", "report.html"]
 

@@ -151,7 +151,7 @@ def test_lr_suggestion_is_not_fooled_by_noise():
 
 
 def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
-    assert main(["lr-find", "--data", str(cifar_root), "--model", "cnn_small", "--batch-size", "32", "--out",
+    assert main(["lr-find", "--data", str(cifar_root), "--model", "cnn_small", "--image-size", "16", "--batch-size", "32", "--out",
                  str(tmp_path), "--set", "data.limit_per_class=30"]) == 0
     out = capsys.readouterr().out
     folder = Path(out.strip().splitlines()[-1].split(": ", 1)[1])
@@ -165,7 +165,7 @@ def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
     assert np.median(losses[max(0, at - 2):at + 3]) < np.median(losses[:5]) - 0.05, (result["suggestion"], losses)
     assert (folder / "lr_find.png").stat().st_size > 1000
     assert main(["train", "--data", str(cifar_root), "--model", "cnn_small", "--lr", "auto", "--epochs", "1",
-                 "--batch-size", "32",
+                 "--batch-size", "32", "--image-size", "16",
                  "--out", str(tmp_path / "runs"), "--set", "data.limit_per_class=30", "--no-progress"]) == 0
     run = Path(capsys.readouterr().out.strip().splitlines()[-1][len("run: "):])
     s = json.loads((run / "summary.json").read_text())

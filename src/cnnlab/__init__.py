@@ -4,4 +4,9 @@ The stages a user knows are the sub-packages (data, models, train, evaluate); `a
 verbs and `cli` is a thin argparse layer over them.
 """
 
+import time
+
 __version__ = "0.1.0"
+# When this process first imported cnnlab: for the `cnnlab` command, its start (before torch is imported),
+# which is where `cnnlab train --time-budget` counts from.
+STARTED = time.monotonic()

@@ -68,7 +68,8 @@ def train_config(path: str | Path | None = None, overrides: dict | None = None, 
     return load_config(path, overrides, sets)
 
 
-def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None) -> Path:
+def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None,
+          started: float | None = None) -> Path:
     """Train and evaluate one model as `cfg` says; return its run folder.
 
     Args:
@@ -76,9 +77,10 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         progress: show a per-epoch progress bar on a terminal.
         log: where progress lines go (also written to the run's log.txt).
         resume: a run folder to continue from its checkpoint (cfg must be compatible).
+        started: the time.monotonic() a train.time_budget counts from (default: this call).
     """
     with signals.handled():
-        return _run.train(cfg, progress, log, resume)
+        return _run.train(cfg, progress, log, resume, started)
 
 
 def lr_find(cfg: Config, log=print) -> Path:

@@ -147,7 +147,8 @@ def _train_overrides(a) -> dict:
     return out
 
 
-def run(argv: list[str]) -> int:
+def run(argv: list[str], started: float | None = None) -> int:
+    """`started`: the time.monotonic() a time budget counts from (None: when `train` is called)."""
     args = build_parser().parse_args(argv)
     from cnnlab import api  # after parsing: `--help` and usage errors answer without importing torch
 
@@ -155,7 +156,7 @@ def run(argv: list[str]) -> int:
         api.audit(args.data, args.out, workers=args.workers)
     elif args.command == "train":
         cfg = api.train_config(args.config, _train_overrides(args), args.set, args.resume)
-        folder = api.train(cfg, progress=not args.no_progress, resume=args.resume)
+        folder = api.train(cfg, progress=not args.no_progress, resume=args.resume, started=started)
         if api.is_main_process():  # under torchrun, one process speaks for the run
             print(f"report: {api.RunFolder(folder).report}")
             print(f"run: {folder}")
@@ -225,7 +226,8 @@ def _failed_images(results: list[dict], verb: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         with signals.handled():
-            return run(sys.argv[1:] if argv is None else argv)
+            # the command line's own process counts its budget from its start, before torch was imported
+            return run(sys.argv[1:], cnnlab.STARTED) if argv is None else run(argv)
     except UserError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2

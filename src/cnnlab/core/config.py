@@ -62,6 +62,7 @@ class TrainConfig:
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0
     epochs: int = 10
+    last_epoch_steps: int = 0  # the last epoch stops after this many steps (0 = a whole epoch): a time budget's plan
     batch_size: int = 64
     schedule: str = "constant"  # constant | step | exponential | cosine | onecycle
     warmup_epochs: float = 0.0  # linear warm-up from lr/100, in epochs (fractions allowed)
@@ -219,6 +220,7 @@ def validate(cfg: Config) -> Config:
         (t.weight_decay >= 0, "train.weight_decay must not be negative"),
         (t.patience >= 0, "train.patience must not be negative"),
         (t.warmup_epochs >= 0, "train.warmup_epochs must not be negative"),
+        (t.last_epoch_steps >= 0, "train.last_epoch_steps must not be negative (0 = a whole last epoch)"),
         (t.step_epochs >= 1, "train.step_epochs must be at least 1"),
         (0 < t.gamma <= 1, "train.gamma must be in (0, 1]"),
         (t.threads >= 0, "train.threads must not be negative"),

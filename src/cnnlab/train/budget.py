@@ -8,11 +8,13 @@ same whatever the pixels). From those rates, the images in the split and the tim
 - the network: when none is named, the widest of fastnet, fastnet_m and fastnet_l that gets at
   least the recipe's 10 epochs (wider is more accurate per epoch and slower); where none does,
   fastnet with the epochs that fit. A named network keeps its name.
-- the epochs, and with them the schedule's length: as many as end training in time for the final
-  evaluation (the validation and test passes, the figures and the report); the count is fixed
-  again just before the first epoch, once the data is loaded.
-`fit` stops early (status early_stopped, saying why) if an epoch would still overrun. The plan and
-the measured rates go into summary.json under "budget".
+- the steps, and with them the epochs and the schedule's length: as many as end training in time
+  for the final evaluation (the validation and test passes, the figures and the report), the last
+  epoch cut short where a whole one would overrun (train.last_epoch_steps). The count is fixed
+  again just before the first epoch, once the data is loaded, and by `fit` after every epoch from
+  the second on, at the pace it measured.
+The budget counts from the start of the `cnnlab` command (from the call of `train` in Python). The
+plan and the measured rates go into summary.json under "budget".
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.core.config import MAX_BUDGET_EPOCHS, Config, TrainConfig, parse_duration, save_train
+from cnnlab.core.config import Config, TrainConfig, parse_duration, save_train
 from cnnlab.core.errors import UserError
 from cnnlab.data.splits import Split
 from cnnlab.models import create_model, get_entry
 from cnnlab.models.pretrained import is_transfer_name
-from cnnlab.train.loop import autocast
+from cnnlab.train.loop import autocast, planned, steps_text, steps_that_fit
 from cnnlab.train.optim import build_optimizer
 
 CANDIDATES = ("fastnet", "fastnet_m", "fastnet_l")  # narrow to wide
@@ -47,6 +49,11 @@ class Rate:
 
     def epoch_seconds(self, train: int, val: int, batch: int) -> float:
         return math.ceil(train / batch) * self.step_seconds + val / self.eval_images_per_second
+
+    def steps_that_fit(self, counts: dict, batch: int, left: float) -> int:
+        """Training steps that end in time for the evaluation after them, out of `left` seconds."""
+        return steps_that_fit(left - self.after_seconds(counts["val"], counts["test"]), self.step_seconds,
+                              counts["val"] / self.eval_images_per_second, math.ceil(counts["train"] / batch))
 
     def after_seconds(self, val: int, test: int) -> float:
         """After training: the temperature's validation pass, the test pass and FINISH_SECONDS."""
@@ -68,58 +75,53 @@ def plan(cfg: Config, split: Split, started: float, device: torch.device, precis
     batch = min(cfg.train.batch_size, counts["train"])
     names = [m.name] if m.name else list(CANDIDATES)
     rates: dict[str, Rate] = {}
+    per_epoch = math.ceil(counts["train"] / batch)
     for name in names:  # narrow to wide, stopping at the first that cannot get MIN_EPOCHS: wider is slower still
         size = cfg.data.image_size or get_entry(name).default_size
         rates[name] = probe(name, cfg, len(split.classes), size, device, precision, batch)
-        if _epochs_that_fit(rates[name], counts, batch, budget - (time.monotonic() - started)) < MIN_EPOCHS:
+        if rates[name].steps_that_fit(counts, batch, budget - (time.monotonic() - started)) < MIN_EPOCHS * per_epoch:
             break
     left = budget - (time.monotonic() - started)  # the probes included
-    fits = {n: _epochs_that_fit(r, counts, batch, left) for n, r in rates.items()}
-    wide = [n for n in rates if fits[n] >= MIN_EPOCHS]
+    fits = {n: r.steps_that_fit(counts, batch, left) for n, r in rates.items()}
+    wide = [n for n in rates if fits[n] >= MIN_EPOCHS * per_epoch]
     name = wide[-1] if wide else names[0]
-    epochs = fits[name]
+    steps = fits[name]
     spent = time.monotonic() - started
-    if epochs < 1:
+    if steps < 1:
         rate = rates[name]
         need = rate.epoch_seconds(counts["train"], counts["val"], batch) + rate.after_seconds(counts["val"], counts["test"])
         raise UserError(f"a time budget of {budget:.0f} s leaves no time for one epoch of {name} on this machine "
                         f"({spent:.0f} s spent on the data and the measurement, then about {need:.0f} s for one epoch "
                         f"and the evaluation); give train.time_budget at least {math.ceil(spent + need)}s")
-    record = {"seconds": budget, "model": name, "epochs_planned": epochs, "epochs": epochs, "batch_size": batch,
+    train = planned(cfg.train, steps, per_epoch)
+    record = {"seconds": budget, "model": name, "epochs_planned": train.epochs, "epochs": train.epochs,
+              "steps_planned": steps, "steps": steps, "steps_per_epoch": per_epoch, "batch_size": batch,
               "seconds_before_planning": round(spent, 2),
               "rates": {n: {"train_images_per_second": round(batch / r.step_seconds, 1),
                             "eval_images_per_second": round(r.eval_images_per_second, 1),
                             "epoch_seconds": round(r.epoch_seconds(counts["train"], counts["val"], batch), 2)}
                         for n, r in rates.items()}}
-    log(f"time budget {budget:.0f} s: {name} for {epochs} epochs (measured here: "
+    log(f"time budget {budget:.0f} s: {name} for {steps_text(train, per_epoch)} (measured here: "
         + ", ".join(f"{n} {v['epoch_seconds']:.1f} s per epoch" for n, v in record["rates"].items())
         + f"; {spent:.0f} s spent before training)")
-    model = dataclasses.replace(m, name=name)
-    return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, epochs=epochs)), record
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, name=name), train=train), record
 
 
-def _epochs_that_fit(rate: Rate, counts: dict, batch: int, left: float) -> int:
-    return _whole_epochs(left, rate.after_seconds(counts["val"], counts["test"]),
-                         rate.epoch_seconds(counts["train"], counts["val"], batch))
-
-
-def _whole_epochs(left: float, after: float, per_epoch: float) -> int:
-    """The whole number of epochs nearest to what the `left` seconds hold but the `after` the final evaluation
-    needs: a budget is a target, and ending half an epoch early misses it as much as half an epoch late."""
-    return max(0, min(MAX_BUDGET_EPOCHS, math.floor((left - after) / per_epoch + 0.5)))
-
-
-def epochs_now(record: dict, train_cfg: TrainConfig, counts: dict, started: float, config_path: Path,
-               log) -> TrainConfig:
-    """The planned network's epochs that still fit now, the data loaded (at least 1: the plan said one
+def steps_now(record: dict, train_cfg: TrainConfig, counts: dict, started: float, config_path: Path,
+              log) -> TrainConfig:
+    """The planned network's steps that still fit now, the data loaded (at least 1: the plan said one
     fits); config.yaml is rewritten to say so where they differ from the plan."""
-    left = record["seconds"] - (time.monotonic() - started)
-    epochs = max(1, _whole_epochs(left, _after(record, counts), record["rates"][record["model"]]["epoch_seconds"]))
-    if epochs != train_cfg.epochs:
-        log(f"time budget: {epochs} epochs fit now that the data is loaded (planned {train_cfg.epochs})")
-        record["epochs"] = epochs
-        save_train(config_path, epochs=epochs)
-    return dataclasses.replace(train_cfg, epochs=epochs)
+    rate = _rate(record)
+    per_epoch = record["steps_per_epoch"]
+    steps = max(1, rate.steps_that_fit(counts, record["batch_size"], record["seconds"] - (time.monotonic() - started)))
+    if steps == record["steps"]:
+        return train_cfg
+    train = planned(train_cfg, steps, per_epoch)
+    log(f"time budget: {steps_text(train, per_epoch)} fit now that the data is loaded "
+        f"(planned {steps_text(train_cfg, per_epoch)})")
+    record.update(steps=steps, epochs=train.epochs)
+    save_train(config_path, epochs=train.epochs, last_epoch_steps=train.last_epoch_steps)
+    return train
 
 
 def deadline(record: dict, counts: dict, started: float) -> float:
@@ -128,8 +130,14 @@ def deadline(record: dict, counts: dict, started: float) -> float:
 
 
 def _after(record: dict, counts: dict) -> float:
-    rate = Rate(record["model"], 0.0, record["rates"][record["model"]]["eval_images_per_second"])
-    return rate.after_seconds(counts["val"], counts["test"])
+    return _rate(record).after_seconds(counts["val"], counts["test"])
+
+
+def _rate(record: dict) -> Rate:
+    """The chosen network's Rate as the record keeps it."""
+    rates = record["rates"][record["model"]]
+    return Rate(record["model"], record["batch_size"] / rates["train_images_per_second"],
+                rates["eval_images_per_second"])
 
 
 def probe(name: str, cfg: Config, num_classes: int, size: int, device: torch.device, precision: str,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from cnnlab.core.config import MAX_BUDGET_EPOCHS, TrainConfig, save_train
 from cnnlab.core.runs import RunFolder, write_csv
 from cnnlab.train.checkpoints import restore_training, save_checkpoint
 from cnnlab.train.distributed import DistInfo, all_sum
-from cnnlab.train.optim import build_optimizer, build_scheduler, warmup_steps
+from cnnlab.train.optim import build_optimizer, build_scheduler, epoch_steps, total_steps, warmup_steps
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "phase"]
 
@@ -60,7 +61,7 @@ def autocast(precision: str, device: torch.device):
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, device, epoch, *, start_step=0,
                     totals=(0.0, 0, 0), progress=True, dist: DistInfo = DistInfo(),
-                    checkpoint_every: int = 0, checkpoint=None, scaler=None) -> dict:
+                    checkpoint_every: int = 0, checkpoint=None, scaler=None, steps: int = 0) -> dict:
     """One pass over `loader` (from wherever it was told to resume).
 
     Args:
@@ -68,6 +69,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         totals: (loss sum, correct, seen) carried over from the first part of a resumed epoch.
         checkpoint_every: call `checkpoint(step, totals)` every this many steps (0 = never).
         scaler: a GradScaler for fp16 (None or disabled otherwise).
+        steps: end the epoch after this many steps (0 = the whole loader): a time budget's last epoch.
 
     Returns:
         {'status': 'ok' | 'diverged' | 'stopped', 'loss', 'accuracy', 'step', 'totals'}.
@@ -76,9 +78,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
 
     model.train()
     loss_sum, correct, seen = totals
+    steps = steps or len(loader)  # the whole loader, or a time budget's cut-short last epoch
     # disable=None: a bar on a terminal, nothing when the output goes to a file or a pipe
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if progress else True, unit="batch",
-               dynamic_ncols=True, initial=start_step, total=len(loader))
+    bar = tqdm(itertools.islice(loader, steps - start_step), desc=f"epoch {epoch}", leave=False, disable=None if progress else True, unit="batch",
+               dynamic_ncols=True, initial=start_step, total=steps)
     step = start_step - 1
     for step, (x, y, _) in enumerate(bar, start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -112,7 +115,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         if stopping:
             bar.close()
             return {"status": "stopped", "step": done, "totals": (loss_sum, correct, seen)}
-        if checkpoint_every and done % checkpoint_every == 0 and done < len(loader):
+        if checkpoint_every and done % checkpoint_every == 0 and done < steps:
             checkpoint(done, (loss_sum, correct, seen))
     loss_sum, correct, seen = all_sum([loss_sum, correct, seen], dist, device)
     return {"status": "ok", "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen), "step": step + 1}
@@ -134,17 +137,42 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
-def _replanned(optimizer, scheduler, cfg: TrainConfig, epochs: int, steps_per_epoch: int):
-    """`cfg` with `epochs` and the schedule for them, at the step the old one had reached: the warm-up keeps
-    its length in steps (a one-cycle warm-up is a share of the total, which would otherwise move), the decay
-    is stretched or shrunk to end at the new last step."""
+def steps_that_fit(seconds: float, step_seconds: float, epoch_seconds: float, steps_per_epoch: int) -> int:
+    """The most training steps that end within `seconds` when every epoch, whole or cut short, also costs
+    `epoch_seconds` (its validation pass and writes). An epoch that would be cut to under a tenth of its
+    steps is not begun: its validation pass would cost more than its steps give."""
+    whole = steps_per_epoch * step_seconds + epoch_seconds
+    epochs = max(0, int(seconds // whole))
+    rest = int(max(0.0, seconds - epochs * whole - epoch_seconds) / step_seconds)
+    rest = min(rest, steps_per_epoch - 1) if rest >= max(1, steps_per_epoch // 10) else 0
+    return min(epochs * steps_per_epoch + rest, MAX_BUDGET_EPOCHS * steps_per_epoch)
+
+
+def planned(cfg: TrainConfig, steps: int, steps_per_epoch: int) -> TrainConfig:
+    """`cfg` with the epochs (the last one cut short where it must be) that train `steps` steps."""
+    epochs = max(1, math.ceil(steps / steps_per_epoch))
+    last = steps - (epochs - 1) * steps_per_epoch
+    return dataclasses.replace(cfg, epochs=epochs, last_epoch_steps=last if 0 < last < steps_per_epoch else 0)
+
+
+def _replanned(optimizer, scheduler, cfg: TrainConfig, steps: int, steps_per_epoch: int):
+    """`cfg` with `steps` steps in all and the schedule for them, at the step the old one had reached: the
+    warm-up keeps its length in steps (a one-cycle warm-up is a share of the total, which would otherwise
+    move), the decay is stretched or shrunk to end at the new last step."""
     warm = warmup_steps(steps_per_epoch, cfg)
-    cfg = dataclasses.replace(cfg, epochs=epochs, warmup_epochs=warm / steps_per_epoch)
+    cfg = dataclasses.replace(planned(cfg, steps, steps_per_epoch), warmup_epochs=warm / steps_per_epoch)
     done = scheduler.last_epoch
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scheduler.last_epoch = done - 1
     scheduler.step()
     return cfg, scheduler
+
+
+def steps_text(cfg: TrainConfig, steps_per_epoch: int) -> str:
+    """"3 epochs", or "3 epochs (the last cut to 40 of 88 steps)"."""
+    text = f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
+    cut = epoch_steps(cfg.epochs, steps_per_epoch, cfg)
+    return text + (f" (the last cut to {cut} of {steps_per_epoch} steps)" if cut < steps_per_epoch else "")
 
 
 def _finite(model: nn.Module) -> bool:
@@ -170,8 +198,8 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         phase: this phase's name in history.csv (scratch | frozen | finetune).
         earlier: history rows of the phases before this one, kept at the top of history.csv.
         best: saves the best weights when an epoch improves on the best so far (None: not saved).
-        deadline: a time.monotonic() by which training must end (a time budget): no epoch is started that
-            would end after it, at the pace of the last one.
+        deadline: a time.monotonic() by which training must end (a time budget): from the second epoch on,
+            the steps left are re-planned at the pace of the last epoch to end by it.
 
     Returns:
         FitResult; the model holds the best epoch's weights afterwards.
@@ -206,18 +234,21 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             save_checkpoint(run_dir, net, optimizer, scheduler, state, g.get_state() if g is not None else None)
 
     status, message = "completed", ""
+    spe, saved_seconds = len(loaders.train), 0.0  # steps per epoch; the last epoch-end checkpoint's seconds
     with signals.deferred():
         epoch = first = p["epoch"]
         while epoch <= cfg.epochs:
-            start = time.perf_counter()
+            start, start_step = time.perf_counter(), p["step"]
             lr = optimizer.param_groups[0]["lr"]
             if not p["step"]:
                 loaders.train.set_epoch(epoch)
             result = train_one_epoch(runner, loaders.train, optimizer, scheduler, criterion, precision, device, epoch,
                                      start_step=p["step"], totals=tuple(p["totals"]), progress=progress and dist.main, dist=dist,
                                      checkpoint_every=cfg.checkpoint_steps,
-                                     checkpoint=lambda s, t, e=epoch: checkpoint(e, s, t), scaler=scaler)
-            p["train_seconds"] += time.perf_counter() - start
+                                     checkpoint=lambda s, t, e=epoch: checkpoint(e, s, t), scaler=scaler,
+                                     steps=epoch_steps(epoch, spe, cfg))
+            trained = time.perf_counter() - start
+            p["train_seconds"] += trained
             if result["status"] == "diverged":
                 status = "diverged"
                 message = (f"loss became {result['loss']} at epoch {epoch}, step {result['step']}; "
@@ -247,26 +278,25 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 write_csv(RunFolder(run_dir).history, HISTORY_COLUMNS,
                           ([r[c] for c in HISTORY_COLUMNS] for r in [*earlier, *p["history"]]))
             if deadline is not None and epoch < cfg.epochs and epoch > first:  # a time budget (the first epoch
-                # pays one-off costs: kernel choice, compilation): the epochs that fit at this epoch's pace
-                pace = max(time.perf_counter() - start, 1e-3)
-                held, planned = (deadline - time.monotonic()) / pace, cfg.epochs - epoch  # epochs the time left holds
-                if held < 0.5:  # not even the nearest whole number of epochs is one
+                # pays one-off costs: kernel choice, compilation): the steps that fit at this epoch's pace
+                step_seconds = trained / max(1, result["step"] - start_step)
+                other = time.perf_counter() - start - trained + saved_seconds  # validation and writes
+                done, left = epoch * spe, total_steps(spe, cfg) - epoch * spe
+                more = steps_that_fit(deadline - time.monotonic() - saved_seconds, step_seconds, other, spe)
+                if not more:
                     status = "early_stopped"
                     message = (f"time budget: epoch {epoch + 1} of {cfg.epochs} would end after the budget leaves for "
-                               f"the evaluation (epochs took {pace:.1f} s); best epoch {p['best_epoch']}")
-                more = planned
-                if held < planned - 0.5:  # over by half an epoch: the nearest whole number
-                    more = math.floor(held + 0.5)
-                elif held >= planned + 0.75:  # 3/4 of one more fits (not 1/2: one epoch's noise must not flip it back)
-                    more = math.floor(held + 0.25)
-                if status != "early_stopped" and more != planned:
-                    total = min(MAX_BUDGET_EPOCHS, epoch + more)
-                    log(f"time budget: {total} epochs fit at {pace:.1f} s per epoch (planned {cfg.epochs}); the "
-                        "schedule's decay now ends there")
-                    cfg, scheduler = _replanned(optimizer, scheduler, cfg, total, len(loaders.train))
+                               f"the evaluation (epochs took {trained + other:.1f} s); best epoch {p['best_epoch']}")
+                elif abs(more - left) >= max(1, spe // 10):  # off by a tenth of an epoch: noise must not re-plan
+                    cfg, scheduler = _replanned(optimizer, scheduler, cfg, done + more, spe)
+                    log(f"time budget: {steps_text(cfg, spe)} fit at {trained + other:.1f} s per epoch (planned "
+                        f"{steps_text(planned(cfg, done + left, spe), spe)}); the schedule's decay now ends there")
                     if dist.main:
-                        save_train(RunFolder(run_dir).config, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+                        save_train(RunFolder(run_dir).config, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                   last_epoch_steps=cfg.last_epoch_steps)
+            saving = time.perf_counter()
             checkpoint(epoch + 1, 0, (0.0, 0, 0))
+            saved_seconds = time.perf_counter() - saving
             log(("" if phase == "scratch" else f"{phase} ") + f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
                 f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.3g}  {row['seconds']:.1f}s"
                 + ("  *" if improved else ""))

@@ -20,18 +20,30 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer}")  # config validation already names the choices
 
 
+def total_steps(steps_per_epoch: int, cfg: TrainConfig) -> int:
+    """All the optimizer steps of `cfg.epochs` epochs, the last cut to train.last_epoch_steps where set."""
+    return max(1, (cfg.epochs - 1) * steps_per_epoch + epoch_steps(cfg.epochs, steps_per_epoch, cfg))
+
+
+def epoch_steps(epoch: int, steps_per_epoch: int, cfg: TrainConfig) -> int:
+    """The steps epoch `epoch` (1-based) trains: all of them, but in the last epoch of a cut-short plan."""
+    if epoch == cfg.epochs and 0 < cfg.last_epoch_steps < steps_per_epoch:
+        return cfg.last_epoch_steps
+    return steps_per_epoch
+
+
 def warmup_steps(steps_per_epoch: int, cfg: TrainConfig) -> int:
     """The steps of the linear warm-up: train.warmup_epochs, or for one-cycle (which always rises first) a
     quarter of all steps."""
     warm = int(round(cfg.warmup_epochs * steps_per_epoch, 6))
     if cfg.schedule == "onecycle":
-        warm = warm or max(1, int(0.25 * max(1, cfg.epochs * steps_per_epoch)))
+        warm = warm or max(1, int(0.25 * total_steps(steps_per_epoch, cfg)))
     return warm
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Multiplier on cfg.lr at optimizer step `step` (0-based): warm-up, then the schedule."""
-    total = max(1, cfg.epochs * steps_per_epoch)
+    total = total_steps(steps_per_epoch, cfg)
     warm = warmup_steps(steps_per_epoch, cfg)
     if step < warm:
         return 0.01 + 0.99 * step / warm

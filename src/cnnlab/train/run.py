@@ -35,12 +35,13 @@ from cnnlab.evaluate.predict import inference_speed
 from cnnlab.evaluate.run_report import write_run_report
 from cnnlab.models.checkpoint import save_model, save_weights
 from cnnlab.models.summary import count_params, format_summary, summarize
-from cnnlab.train.budget import budget_seconds, deadline as budget_deadline, epochs_now, plan as plan_budget
+from cnnlab.train.budget import budget_seconds, deadline as budget_deadline, plan as plan_budget, steps_now
 from cnnlab.train.checkpoints import load_checkpoint
 from cnnlab.train.distributed import DistInfo, barrier, broadcast, cleanup, device_for, setup
 from cnnlab.train.features import feature_loaders
 from cnnlab.train.loop import HISTORY_COLUMNS, BestWeights, FitResult, fit
 from cnnlab.train.lr_find import lr_range_test
+from cnnlab.train.optim import total_steps
 from cnnlab.train.setup import ModelSetup, build_model, class_weights, data_and_split, init_from_data, load_saved
 
 # What a resumed run may change; everything else must match the checkpointed run.
@@ -73,10 +74,12 @@ class RunContext:
     budget: dict | None  # the time budget's plan (train/budget.py), for summary.json
 
 
-def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None) -> Path:
-    """Train and evaluate one model as `cfg` says; return its run folder (see the module's docstring)."""
+def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None,
+          started: float | None = None) -> Path:
+    """Train and evaluate one model as `cfg` says; return its run folder (see the module's docstring).
+    `started`: the time.monotonic() a time budget counts from (default: now)."""
     # Over 60 lines on purpose: the run's steps in the order they happen, read on one screen.
-    started = time.monotonic()  # a time budget counts from here
+    started = time.monotonic() if started is None else started
     dist = setup()
     log = log if dist.main else _quiet
     checkpoint = _check_resume(RunFolder(resume), cfg, log) if resume else None
@@ -255,7 +258,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
             ld, net = ctx.loaders, DistributedDataParallel(model) if dist.active else model
         train_cfg = _phase_lr(ctx, ph, net, ld)
         if ctx.budget:  # the epochs that fit now that the data is loaded
-            train_cfg = epochs_now(ctx.budget, train_cfg, ctx.split.sizes(), ctx.started, ctx.folder.config, ctx.log)
+            train_cfg = steps_now(ctx.budget, train_cfg, ctx.split.sizes(), ctx.started, ctx.folder.config, ctx.log)
         ctx.log(f"phase {ph.name}: lr {train_cfg.lr:g}, {train_cfg.epochs} epoch{'s' * (train_cfg.epochs != 1)}, "
                 f"{trainable:,} of {total:,} parameters trainable")
         result = fit(net, ld, train_cfg, folder.dir, device=ctx.device, precision=ctx.precision,
@@ -370,9 +373,10 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
         summary["inference"] = inference_speed(model, ctx.model.size, ctx.device)
         ctx.log(f"test accuracy {summary['test']['accuracy']:.4f}  macro F1 {summary['test']['f1_macro']:.4f}  "
                 f"loss {summary['test']['loss']:.4f}  (best epoch {result.best_epoch})")
-    if ctx.budget:  # the epochs as last re-planned (config.yaml has them)
-        summary["train"] = config_to_dict(load_config(folder.config))["train"]
-        ctx.budget["epochs"] = summary["train"]["epochs"]
+    if ctx.budget:  # the steps as last re-planned (config.yaml has them)
+        used = load_config(folder.config)
+        summary["train"] = config_to_dict(used)["train"]
+        ctx.budget.update(epochs=used.train.epochs, steps=total_steps(ctx.budget["steps_per_epoch"], used.train))
         summary["budget"] = {**ctx.budget, "epochs_run": len(result.history),
                              "seconds_at_summary": round(time.monotonic() - ctx.started, 1)}
     save_json(folder.summary, summary)

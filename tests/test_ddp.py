@@ -1,0 +1,55 @@
+"""Distributed data parallel: two processes train what one process trains, and only rank 0 speaks.
+
+(Its own file, so the test runner can give it a worker of its own beside tests/test_resume.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "model.safetensors"))
+
+
+PROBE = Path(__file__).parent / "ddp_probe.py"
+# no BatchNorm (its statistics are per process) and no dropout or augmentation (random per process):
+# two processes with half batches each must then compute what one process computes
+NO_BN = "model.layers=[{conv: {filters: 8, kernel: 3, padding: 1}}, relu, {maxpool: 2}, flatten, {dense: 32}, relu]"
+
+
+def test_two_process_ddp_matches_one_process(cifar_root, tmp_path):
+    args = ["train", "--data", str(cifar_root), "--model", "custom", "--epochs", "1", "--batch-size", "32",
+            "--lr", "1e-3", "--seed", "0", "--precision", "fp32", "--no-progress", "--set", "data.limit_per_class=40",
+            "--set", NO_BN, "--set", "data.augment=[]", "--set", "train.threads=0"]
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "p2").mkdir()
+    one = subprocess.run([sys.executable, str(PROBE), str(tmp_path / "p1"), *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(PROBE), str(tmp_path / "p2"), *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    (run_one,), (run_two,) = list((tmp_path / "one").iterdir()), list((tmp_path / "two").iterdir())  # rank 0 writes
+    assert "2 processes" in (run_two / "log.txt").read_text()
+    assert sum(line.startswith("run: ") for line in two.stdout.splitlines()) == 1  # only rank 0 speaks
+    ranks = [json.loads((tmp_path / "p2" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["threads"] == ranks[1]["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    steps = json.loads((tmp_path / "p1" / "rank0.json").read_text())["steps"]
+    assert len(ranks[0]["steps"]) == len(steps) > 5
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # every rank holds the same weights after every step
+    w1, w2 = weights(run_one), weights(run_two)
+    assert w1.keys() == w2.keys()
+    for k in w1:  # the same global batches and data order: the same training, to float rounding
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5), (k, (w1[k] - w2[k]).abs().max())
+    # the temperature is fitted on the whole validation split, not on rank 0's shard of it
+    c1, c2 = (json.loads((r / "summary.json").read_text())["calibration"] for r in (run_one, run_two))
+    assert c1["fitted_on"] == c2["fitted_on"] and c1["temperature"] == pytest.approx(c2["temperature"], rel=1e-3)
