@@ -4,8 +4,9 @@
 
 The suite's target (at most 6 minutes of tests on 2 cores) was set on machines whose fp32 matmul
 ran at 150-440 GFLOP/s; the same kind of cloud machine has been seen at half that, so the matmul
-rates measured just before the run are recorded with it. Writes the wall time, the counts and the
-ten slowest tests into benchmarks/RESULTS.md.
+rates measured just before the run are recorded with it. The suite runs as `make test` runs it
+(pyproject's addopts: a pytest-xdist worker per core, each pinned to its own). Writes the wall
+time, the counts and the ten slowest tests into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

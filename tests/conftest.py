@@ -24,16 +24,15 @@ def pytest_configure(config):
     """Under pytest-xdist (`make test` runs a worker per core), each worker is pinned to its own share of the
     cores: its torch and the cnnlab processes it starts (they inherit the pinning and size their threads by
     it, core/env.py) never oversubscribe the machine, so what one worker runs does not slow the other's
-    threads to a crawl. More workers than cores are left unpinned."""
+    threads to a crawl. With more workers than cores (`-n 8` on 2), each gets one core, taken in turn."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if not worker or not hasattr(os, "sched_setaffinity"):
         return
-    cores = sorted(os.sched_getaffinity(0))
-    if count <= len(cores):
-        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count::count])
-        import torch  # before any test imports it: its intra-op threads, one per core this worker owns
+    cores, index = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")) % count
+    os.sched_setaffinity(0, cores[index::count] if count <= len(cores) else [cores[index % len(cores)]])
+    import torch  # before any test imports it: its intra-op threads, one per core this worker owns
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -145,3 +145,48 @@ def test_a_cut_short_last_epoch_trains_only_its_steps(squares, tmp_path, capsys)
     tensors, meta = load_checkpoint(run)
     assert meta["scheduler"]["last_epoch"] == -(-train_images // 10) + 2
     assert len((run / "history.csv").read_text().strip().splitlines()) == 1 + 2
+
+
+@pytest.mark.parametrize("fit_now,epochs,last,status", [
+    (10**6, 3, 0, "completed"),  # time for far more: the run keeps the cap on its total (3 here), no re-plan
+    (5, 3, 5, "completed"),  # after 2 epochs, 5 steps fit: the last epoch is cut to them
+    (0, 2, 0, "early_stopped"),  # nothing fits: it stops, saying why
+])
+def test_fit_re_plans_the_steps_left_after_each_epoch(squares, tmp_path, capsys, monkeypatch, fit_now, epochs, last,
+                                                     status):
+    """`fit`'s re-plan after epoch 2 of a 3-epoch plan (the cap on a budget's epochs set to 3), with the steps that
+    fit in the time left fixed: config.yaml, summary.json and the checkpoint's scheduler say what ran."""
+    from cnnlab.train import loop
+    from cnnlab.train.checkpoints import load_checkpoint
+
+    monkeypatch.setattr(loop, "MAX_BUDGET_EPOCHS", 3)
+    monkeypatch.setattr(loop, "steps_that_fit", lambda *a: fit_now)  # fit's own; the plan keeps the real one
+    code = main(["train", "--data", str(squares), "--model", "fastnet", "--time-budget", "1h", "--batch-size", "30",
+                 "--precision", "fp32", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    used = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    per_epoch = -(-sum(row.split(",")[2:3] == ["train"] for row in (run / "split.csv").read_text().splitlines()) // 30)
+    assert summary["budget"]["steps_per_epoch"] == per_epoch > 5
+    steps = 2 * per_epoch + (last or per_epoch) if epochs == 3 else 2 * per_epoch
+    assert summary["budget"]["epochs_planned"] == 3 and summary["status"] == status
+    assert (used["epochs"], used["last_epoch_steps"]) == (3, last)  # an early stop leaves the plan as it was
+    assert summary["budget"]["steps_run"] == steps and summary["budget"]["epochs_run"] == epochs
+    assert load_checkpoint(run)[1]["scheduler"]["last_epoch"] == steps
+    if status == "early_stopped":
+        assert "time budget" in summary["message"]
+
+
+def test_another_epoch_count_on_resume_makes_every_epoch_whole(tmp_path):
+    """A cut-short last epoch is the plan of the run's length: `--resume RUN --epochs N` with another N drops it,
+    the same length keeps it."""
+    from cnnlab import api
+    from cnnlab.core.config import dump_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(load_config(None, {"train": {"epochs": 10, "last_epoch_steps": 30}})))
+    assert api.train_config(None, {"train": {"epochs": 7}}, resume=run).train.last_epoch_steps == 0
+    assert api.train_config(None, {"train": {"epochs": 10}}, resume=run).train.last_epoch_steps == 30
+    assert api.train_config(None, {}, resume=run).train.last_epoch_steps == 30

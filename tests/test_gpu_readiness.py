@@ -58,3 +58,33 @@ def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", no_group)
     with pytest.raises(UserError, match="started 2 processes on this machine, which has 1 GPUs; use --nproc-per-node 1"):
         distributed.setup()
+
+
+def test_fp16_loss_scale_survives_a_resume(tmp_path):
+    """Checklist 5: the GradScaler's state goes into the checkpoint, so a resumed fp16 run keeps its loss scale
+    (and growth tracker) instead of searching for it again from 65536."""
+    from cnnlab.train.checkpoints import load_checkpoint, restore_training, save_checkpoint
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    state = {"scale": 512.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3, "_growth_tracker": 2}
+    scaler.load_state_dict(state)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, {"epoch": 1}, None, scaler)
+    tensors, meta = load_checkpoint(tmp_path)
+    resumed = torch.amp.GradScaler("cpu")
+    restore_training(tensors, meta, nn.Linear(3, 2), torch.optim.SGD(model.parameters(), lr=0.1),
+                     torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), resumed)
+    assert resumed.state_dict() == state
+
+
+def test_frozen_features_on_a_gpu_model_use_pytorch_on_its_device():
+    """Checklist 1: with the backbone on a GPU, `auto` extracts features in PyTorch on that device (ONNX Runtime
+    would run on the CPU) and moves each CPU batch there. A model on the meta device stands in for CUDA."""
+    from cnnlab.train.features import TorchEngine, make_engine
+
+    lines = []
+    engine = make_engine(nn.Linear(2, 2, device="meta"), "auto", 4, 8, torch.zeros(4, 3, 8, 8), 1, log=lines.append)
+    assert isinstance(engine, TorchEngine) and engine.device.type == "meta"
+    assert lines == ["features: PyTorch on meta"]

@@ -12,6 +12,7 @@ Every user mistake is raised as `UserError` before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -65,7 +66,12 @@ def train_config(path: str | Path | None = None, overrides: dict | None = None, 
         path = RunFolder(resume).config
         if not path.is_file():
             raise UserError(f"--resume {resume}: not a run folder (no {RunFolder.config})")
-    return load_config(path, overrides, sets)
+    cfg = load_config(path, overrides, sets)
+    if resume:  # another --epochs makes every epoch whole: a cut-short last epoch was the old length's plan
+        saved = load_config(path).train
+        if cfg.train.epochs != saved.epochs and cfg.train.last_epoch_steps == saved.last_epoch_steps:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, last_epoch_steps=0))
+    return cfg
 
 
 def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None,

@@ -33,7 +33,7 @@ from cnnlab.data.splits import Split
 from cnnlab.models import create_model, get_entry
 from cnnlab.models.pretrained import is_transfer_name
 from cnnlab.train.loop import autocast, planned, steps_text, steps_that_fit
-from cnnlab.train.optim import build_optimizer
+from cnnlab.train.optim import build_optimizer, total_steps
 
 CANDIDATES = ("fastnet", "fastnet_m", "fastnet_l")  # narrow to wide
 MIN_EPOCHS = 10  # the fast recipe's own length: a wider network is taken only where it gets this many
@@ -50,10 +50,12 @@ class Rate:
     def epoch_seconds(self, train: int, val: int, batch: int) -> float:
         return math.ceil(train / batch) * self.step_seconds + val / self.eval_images_per_second
 
-    def steps_that_fit(self, counts: dict, batch: int, left: float) -> int:
-        """Training steps that end in time for the evaluation after them, out of `left` seconds."""
+    def steps_that_fit(self, counts: dict, batch: int, left: float, per_epoch: int = 0) -> int:
+        """Training steps that end in time for the evaluation after them, out of `left` seconds; `per_epoch`:
+        steps per epoch (default: the split's training images over the batch)."""
         return steps_that_fit(left - self.after_seconds(counts["val"], counts["test"]), self.step_seconds,
-                              counts["val"] / self.eval_images_per_second, math.ceil(counts["train"] / batch))
+                              counts["val"] / self.eval_images_per_second,
+                              per_epoch or math.ceil(counts["train"] / batch))
 
     def after_seconds(self, val: int, test: int) -> float:
         """After training: the temperature's validation pass, the test pass and FINISH_SECONDS."""
@@ -87,7 +89,7 @@ def plan(cfg: Config, split: Split, started: float, device: torch.device, precis
     name = wide[-1] if wide else names[0]
     steps = fits[name]
     spent = time.monotonic() - started
-    if steps < 1:
+    if steps < per_epoch:  # the plan promises one whole epoch at least
         rate = rates[name]
         need = rate.epoch_seconds(counts["train"], counts["val"], batch) + rate.after_seconds(counts["val"], counts["test"])
         raise UserError(f"a time budget of {budget:.0f} s leaves no time for one epoch of {name} on this machine "
@@ -97,7 +99,7 @@ def plan(cfg: Config, split: Split, started: float, device: torch.device, precis
     record = {"seconds": budget, "model": name, "epochs_planned": train.epochs, "epochs": train.epochs,
               "steps_planned": steps, "steps": steps, "steps_per_epoch": per_epoch, "batch_size": batch,
               "seconds_before_planning": round(spent, 2),
-              "rates": {n: {"train_images_per_second": round(batch / r.step_seconds, 1),
+              "rates": {n: {"step_seconds": r.step_seconds, "train_images_per_second": round(batch / r.step_seconds, 1),
                             "eval_images_per_second": round(r.eval_images_per_second, 1),
                             "epoch_seconds": round(r.epoch_seconds(counts["train"], counts["val"], batch), 2)}
                         for n, r in rates.items()}}
@@ -107,21 +109,31 @@ def plan(cfg: Config, split: Split, started: float, device: torch.device, precis
     return dataclasses.replace(cfg, model=dataclasses.replace(m, name=name), train=train), record
 
 
-def steps_now(record: dict, train_cfg: TrainConfig, counts: dict, started: float, config_path: Path,
-              log) -> TrainConfig:
-    """The planned network's steps that still fit now, the data loaded (at least 1: the plan said one
-    fits); config.yaml is rewritten to say so where they differ from the plan."""
-    rate = _rate(record)
-    per_epoch = record["steps_per_epoch"]
-    steps = max(1, rate.steps_that_fit(counts, record["batch_size"], record["seconds"] - (time.monotonic() - started)))
-    if steps == record["steps"]:
+def steps_now(record: dict, train_cfg: TrainConfig, counts: dict, per_epoch: int, started: float,
+              config_path: Path, log) -> TrainConfig:
+    """The planned network's steps that still fit now, the data loaded and its loader's `per_epoch` steps
+    known (files that failed to decode are left out of it; one epoch at least: the plan said one fits);
+    config.yaml is rewritten to say so where they differ from the plan."""
+    left = record["seconds"] - (time.monotonic() - started)
+    steps = _rate(record).steps_that_fit(counts, record["batch_size"], left, per_epoch) or per_epoch
+    if (steps, per_epoch) == (record["steps"], record["steps_per_epoch"]):
         return train_cfg
     train = planned(train_cfg, steps, per_epoch)
     log(f"time budget: {steps_text(train, per_epoch)} fit now that the data is loaded "
         f"(planned {steps_text(train_cfg, per_epoch)})")
-    record.update(steps=steps, epochs=train.epochs)
+    record.update(steps=steps, epochs=train.epochs, steps_per_epoch=per_epoch)
     save_train(config_path, epochs=train.epochs, last_epoch_steps=train.last_epoch_steps)
     return train
+
+
+def budget_record(record: dict, used: TrainConfig, epochs_run: int, started: float) -> dict:
+    """summary.json's "budget": the plan, the epochs and steps as last re-planned (`used`, config.yaml's), and
+    what ran (a run ends early only between epochs: all those run were whole but a cut-short last one)."""
+    per_epoch = record["steps_per_epoch"]
+    steps = total_steps(per_epoch, used)
+    return {**record, "epochs": used.epochs, "steps": steps, "epochs_run": epochs_run,
+            "steps_run": steps if epochs_run == used.epochs else epochs_run * per_epoch,
+            "seconds_at_summary": round(time.monotonic() - started, 1)}
 
 
 def deadline(record: dict, counts: dict, started: float) -> float:
@@ -136,8 +148,7 @@ def _after(record: dict, counts: dict) -> float:
 def _rate(record: dict) -> Rate:
     """The chosen network's Rate as the record keeps it."""
     rates = record["rates"][record["model"]]
-    return Rate(record["model"], record["batch_size"] / rates["train_images_per_second"],
-                rates["eval_images_per_second"])
+    return Rate(record["model"], rates["step_seconds"], rates["eval_images_per_second"])
 
 
 def probe(name: str, cfg: Config, num_classes: int, size: int, device: torch.device, precision: str,

@@ -22,10 +22,13 @@ from cnnlab.core.runs import RunFolder, atomic_write
 
 
 def capture_rng() -> tuple[dict, dict]:
-    """(tensors, json) for the global Python, NumPy and torch RNG states."""
+    """(tensors, json) for the global Python, NumPy and torch RNG states, each GPU's too where CUDA is in use
+    (dropout and random augmentation on the GPU draw from them)."""
     py = random.getstate()
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return tensors, {"python": [py[0], list(py[1]), py[2]], "numpy": [name, int(pos), int(has_gauss), float(gauss)]}
 
 
@@ -35,11 +38,15 @@ def restore_rng(tensors: dict, state: dict) -> None:
     name, pos, has_gauss, g = state["numpy"]
     np.random.set_state((name, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, g))
     torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():  # the same GPUs: their draws
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict,
-                    loader_state: torch.Tensor | None) -> Path:
-    """Write the full training state; `progress` is JSON (epoch, step, history, best, ...)."""
+                    loader_state: torch.Tensor | None, scaler=None) -> Path:
+    """Write the full training state; `progress` is JSON (epoch, step, history, best, ...); `scaler`: fp16's
+    GradScaler, whose loss scale a resume continues from rather than searching for it again."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for idx, st in opt["state"].items():
@@ -51,6 +58,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict,
         tensors["rng.loader"] = loader_state
     meta = {"progress": progress, "rng": rng_state, "param_groups": opt["param_groups"],
             "scheduler": scheduler.state_dict()}
+    if scaler is not None and scaler.is_enabled():
+        meta["scaler"] = scaler.state_dict()  # plain numbers: the scale, its growth tracker and settings
     data = save(tensors, metadata={"cnnlab": json.dumps(meta)})
     return atomic_write(RunFolder(run_dir).checkpoint, data)
 
@@ -68,7 +77,7 @@ def load_checkpoint(run_dir: Path) -> tuple[dict, dict]:
         raise UserError(f"{path} cannot be read ({type(e).__name__}); it is damaged") from None
 
 
-def restore_training(tensors: dict, meta: dict, model, optimizer, scheduler) -> None:
+def restore_training(tensors: dict, meta: dict, model, optimizer, scheduler, scaler=None) -> None:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict = {}
     for k, v in tensors.items():
@@ -77,4 +86,6 @@ def restore_training(tensors: dict, meta: dict, model, optimizer, scheduler) -> 
             state.setdefault(int(idx), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and scaler.is_enabled() and "scaler" in meta:
+        scaler.load_state_dict(meta["scaler"])
     restore_rng(tensors, meta["rng"])

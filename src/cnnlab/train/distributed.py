@@ -62,6 +62,15 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def data_parallel(model: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:
+    """`model` in DistributedDataParallel under torchrun (on a GPU, told its one device), else as it is."""
+    if not info.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def all_sum(values: list[float], info: DistInfo, device: torch.device = torch.device("cpu")) -> list[float]:
     """Element-wise sum of `values` over all ranks (identity for one process)."""
     if not info.active:

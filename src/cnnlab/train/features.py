@@ -11,6 +11,7 @@ learning rate) skips extraction.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -36,14 +37,18 @@ class _Features(torch.nn.Module):
 
 
 class TorchEngine:
+    """The backbone in PyTorch, on the device its weights are on (the loaders' batches are on the CPU)."""
+
     name = "pytorch"
 
     def __init__(self, model):
         self.model = model.eval()
+        self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> np.ndarray:
-        return self.model.features(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return self.model.features(x).float().cpu().numpy()
 
 
 class OnnxEngine:
@@ -52,7 +57,8 @@ class OnnxEngine:
     name = "onnxruntime"
 
     def __init__(self, model, batch: int, size: int, threads: int):
-        onnx = to_onnx(_Features(model), torch.zeros(batch, 3, size, size), "f", dynamic_batch=False)
+        cpu = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+        onnx = to_onnx(_Features(cpu), torch.zeros(batch, 3, size, size), "f", dynamic_batch=False)
         self.session = onnx_session(onnx, threads)  # OnnxUnavailable: no onnxruntime, or it cannot load it
         self.batch = batch
 
@@ -68,6 +74,9 @@ def make_engine(model, kind: str, batch: int, size: int, probe: torch.Tensor, th
     """The engine `kind` asks for (auto = ONNX Runtime when it agrees with PyTorch on `probe`)."""
     torch_engine = TorchEngine(model)
     if kind == "torch":
+        return torch_engine
+    if kind == "auto" and torch_engine.device.type != "cpu":  # ONNX Runtime here runs on the CPU: slower than a GPU
+        log(f"features: PyTorch on {torch_engine.device}")
         return torch_engine
     try:
         engine = OnnxEngine(model, batch, size, threads)

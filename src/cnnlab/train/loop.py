@@ -80,7 +80,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
     loss_sum, correct, seen = totals
     steps = steps or len(loader)  # the whole loader, or a time budget's cut-short last epoch
     # disable=None: a bar on a terminal, nothing when the output goes to a file or a pipe
-    bar = tqdm(itertools.islice(loader, steps - start_step), desc=f"epoch {epoch}", leave=False, disable=None if progress else True, unit="batch",
+    bar = tqdm(itertools.islice(loader, max(0, steps - start_step)), desc=f"epoch {epoch}", leave=False, disable=None if progress else True, unit="batch",
                dynamic_ncols=True, initial=start_step, total=steps)
     step = start_step - 1
     for step, (x, y, _) in enumerate(bar, start=start_step):
@@ -144,7 +144,7 @@ def steps_that_fit(seconds: float, step_seconds: float, epoch_seconds: float, st
     whole = steps_per_epoch * step_seconds + epoch_seconds
     epochs = max(0, int(seconds // whole))
     rest = int(max(0.0, seconds - epochs * whole - epoch_seconds) / step_seconds)
-    rest = min(rest, steps_per_epoch - 1) if rest >= max(1, steps_per_epoch // 10) else 0
+    rest = min(rest, steps_per_epoch - 1) if rest >= 1 and 10 * rest >= steps_per_epoch else 0
     return min(epochs * steps_per_epoch + rest, MAX_BUDGET_EPOCHS * steps_per_epoch)
 
 
@@ -218,7 +218,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
     best_state = None
     if resume:
         tensors, meta = resume
-        restore_training(tensors, meta, net, optimizer, scheduler)
+        restore_training(tensors, meta, net, optimizer, scheduler, scaler)
         p = meta["progress"]
         if p["step"]:
             loaders.train.set_epoch(p["epoch"])
@@ -231,10 +231,11 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         if dist.main:
             state = dict(p, epoch=epoch, step=step, totals=list(totals))
             g = loaders.train.generator if step else None
-            save_checkpoint(run_dir, net, optimizer, scheduler, state, g.get_state() if g is not None else None)
+            save_checkpoint(run_dir, net, optimizer, scheduler, state, g.get_state() if g is not None else None, scaler)
 
     status, message = "completed", ""
     spe, saved_seconds = len(loaders.train), 0.0  # steps per epoch; the last epoch-end checkpoint's seconds
+    paced = [0.0, 0, 0.0, 0]  # a time budget's pace since the first epoch: training s, steps, other s, epochs
     with signals.deferred():
         epoch = first = p["epoch"]
         while epoch <= cfg.epochs:
@@ -278,18 +279,21 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 write_csv(RunFolder(run_dir).history, HISTORY_COLUMNS,
                           ([r[c] for c in HISTORY_COLUMNS] for r in [*earlier, *p["history"]]))
             if deadline is not None and epoch < cfg.epochs and epoch > first:  # a time budget (the first epoch
-                # pays one-off costs: kernel choice, compilation): the steps that fit at this epoch's pace
-                step_seconds = trained / max(1, result["step"] - start_step)
+                # pays one-off costs: kernel choice, compilation): the steps that fit at the pace of the epochs
+                # since, averaged (one epoch's pace swings by 15% on a shared machine)
                 other = time.perf_counter() - start - trained + saved_seconds  # validation and writes
+                paced = [paced[0] + trained, paced[1] + result["step"] - start_step, paced[2] + other, paced[3] + 1]
+                step_seconds, other = paced[0] / max(1, paced[1]), paced[2] / paced[3]
                 done, left = epoch * spe, total_steps(spe, cfg) - epoch * spe
                 more = steps_that_fit(deadline - time.monotonic() - saved_seconds, step_seconds, other, spe)
+                more = min(more, MAX_BUDGET_EPOCHS * spe - done)  # the cap is on the run's total, not on what is left
                 if not more:
                     status = "early_stopped"
                     message = (f"time budget: epoch {epoch + 1} of {cfg.epochs} would end after the budget leaves for "
-                               f"the evaluation (epochs took {trained + other:.1f} s); best epoch {p['best_epoch']}")
+                               f"the evaluation (epochs take {spe * step_seconds + other:.1f} s); best epoch {p['best_epoch']}")
                 elif abs(more - left) >= max(1, spe // 10):  # off by a tenth of an epoch: noise must not re-plan
                     cfg, scheduler = _replanned(optimizer, scheduler, cfg, done + more, spe)
-                    log(f"time budget: {steps_text(cfg, spe)} fit at {trained + other:.1f} s per epoch (planned "
+                    log(f"time budget: {steps_text(cfg, spe)} fit at {spe * step_seconds + other:.1f} s per epoch (planned "
                         f"{steps_text(planned(cfg, done + left, spe), spe)}); the schedule's decay now ends there")
                     if dist.main:
                         save_train(RunFolder(run_dir).config, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,

@@ -24,6 +24,7 @@ from cnnlab.core.env import seed_everything, set_threads
 from cnnlab.core.figures import save_figure
 from cnnlab.core.runs import RunFolder, new_run_dir, save_json
 from cnnlab.data.loaders import make_loaders
+from cnnlab.train.distributed import DistInfo, all_sum
 from cnnlab.train.optim import build_optimizer
 from cnnlab.train.setup import build_model, data_and_split, init_from_data
 
@@ -48,11 +49,14 @@ def suggest_lr(lrs: list[float], losses: list[float], skip: int = 5) -> dict:
 
 
 def lr_range_test(model: nn.Module, loader, cfg, device: torch.device, start: float = 1e-7, end: float = 10.0,
-                  steps: int = 100, criterion=None) -> dict:
+                  steps: int = 100, criterion=None, dist: DistInfo = DistInfo()) -> dict:
     """Train `steps` batches with the lr rising from `start` to `end`; stop once the loss explodes.
 
     Args:
         cfg: the training section (optimizer, momentum, weight decay are the run's own).
+        dist: under torchrun, the loss is averaged over the ranks before it is recorded and tested, so
+            every rank stops at the same step (one that stopped alone would leave the others waiting in
+            the gradients' all-reduce) and every rank suggests the same rate.
     Returns:
         {'lrs', 'losses', 'smoothed', 'suggestion', 'lr_min_loss', 'lr_steepest'}; the model is unchanged.
     """
@@ -74,13 +78,14 @@ def lr_range_test(model: nn.Module, loader, cfg, device: torch.device, start: fl
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = criterion(model(x.to(device)).float(), y.to(device))
-        if not math.isfinite(loss.item()):
+        value = all_sum([loss.item()], dist, device)[0] / dist.world if dist.active else loss.item()
+        if not math.isfinite(value):
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         lrs.append(lr)
-        losses.append(loss.item())
+        losses.append(value)
         current = smooth(losses)[-1]
         if i > 10 and current > 4 * best:  # exploded: the rest of the range says nothing
             break

@@ -35,20 +35,20 @@ from cnnlab.evaluate.predict import inference_speed
 from cnnlab.evaluate.run_report import write_run_report
 from cnnlab.models.checkpoint import save_model, save_weights
 from cnnlab.models.summary import count_params, format_summary, summarize
-from cnnlab.train.budget import budget_seconds, deadline as budget_deadline, plan as plan_budget, steps_now
+from cnnlab.train.budget import budget_record, budget_seconds, deadline as budget_deadline, plan as plan_budget, steps_now
 from cnnlab.train.checkpoints import load_checkpoint
-from cnnlab.train.distributed import DistInfo, barrier, broadcast, cleanup, device_for, setup
+from cnnlab.train.distributed import DistInfo, barrier, broadcast, cleanup, data_parallel, device_for, setup
 from cnnlab.train.features import feature_loaders
-from cnnlab.train.loop import HISTORY_COLUMNS, BestWeights, FitResult, fit
+from cnnlab.train.loop import HISTORY_COLUMNS, BestWeights, FitResult, fit, steps_text
 from cnnlab.train.lr_find import lr_range_test
-from cnnlab.train.optim import total_steps
 from cnnlab.train.setup import ModelSetup, build_model, class_weights, data_and_split, init_from_data, load_saved
 
 # What a resumed run may change; everything else must match the checkpointed run.
-RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.checkpoint_steps", "train.threads", "train.compile",
-                     "train.eval_batch_size", "data.workers", "data.loader", "data.memory_cap_mb", "out", "tag"}
+RESUMABLE_CHANGES = {"train.epochs", "train.last_epoch_steps", "train.patience", "train.checkpoint_steps",
+                     "train.threads", "train.compile", "train.eval_batch_size", "data.workers", "data.loader",
+                     "data.memory_cap_mb", "out", "tag"}
 # How a run is carried out, not what it computes: a study whose file changes only these trains nothing again.
-OPERATIONAL = RESUMABLE_CHANGES - {"train.epochs", "train.patience"}
+OPERATIONAL = RESUMABLE_CHANGES - {"train.epochs", "train.last_epoch_steps", "train.patience"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,11 +255,12 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
                                            threads=ctx.threads, log=ctx.log)
             net = model.head
         else:
-            ld, net = ctx.loaders, DistributedDataParallel(model) if dist.active else model
+            ld, net = ctx.loaders, data_parallel(model, ctx.device, dist)
         train_cfg = _phase_lr(ctx, ph, net, ld)
         if ctx.budget:  # the epochs that fit now that the data is loaded
-            train_cfg = steps_now(ctx.budget, train_cfg, ctx.split.sizes(), ctx.started, ctx.folder.config, ctx.log)
-        ctx.log(f"phase {ph.name}: lr {train_cfg.lr:g}, {train_cfg.epochs} epoch{'s' * (train_cfg.epochs != 1)}, "
+            train_cfg = steps_now(ctx.budget, train_cfg, ctx.split.sizes(), len(ld.train), ctx.started,
+                                  ctx.folder.config, ctx.log)
+        ctx.log(f"phase {ph.name}: lr {train_cfg.lr:g}, {steps_text(train_cfg, len(ld.train))}, "
                 f"{trainable:,} of {total:,} parameters trainable")
         result = fit(net, ld, train_cfg, folder.dir, device=ctx.device, precision=ctx.precision,
                      class_weights=class_weights(ctx.split) if ctx.cfg.train.class_weights == "balanced" else None,
@@ -292,7 +293,7 @@ def _phase_lr(ctx: RunContext, ph, net, loaders):
     """The phase's training config, with lr `auto` replaced by the range test's suggestion on `net`."""
     if ph.train.lr != "auto":
         return ph.train
-    found = lr_range_test(net, loaders.train, dataclasses.replace(ph.train, lr=1e-7), ctx.device)
+    found = lr_range_test(net, loaders.train, dataclasses.replace(ph.train, lr=1e-7), ctx.device, dist=ctx.dist)
     ctx.log(f"lr auto: range test suggests {found['suggestion']:.3g} (lowest smoothed loss at "
             f"{found['lr_min_loss']:.3g})")
     if ctx.dist.main and len(ctx.model.phases) == 1:  # config.yaml says what was used (a resume then reuses it)
@@ -376,9 +377,7 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
     if ctx.budget:  # the steps as last re-planned (config.yaml has them)
         used = load_config(folder.config)
         summary["train"] = config_to_dict(used)["train"]
-        ctx.budget.update(epochs=used.train.epochs, steps=total_steps(ctx.budget["steps_per_epoch"], used.train))
-        summary["budget"] = {**ctx.budget, "epochs_run": len(result.history),
-                             "seconds_at_summary": round(time.monotonic() - ctx.started, 1)}
+        summary["budget"] = budget_record(ctx.budget, used.train, len(result.history), ctx.started)
     save_json(folder.summary, summary)
     write_run_report(folder.dir)
     ctx.log(f"status: {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""))
