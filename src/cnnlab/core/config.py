@@ -371,8 +371,8 @@ def dump_config(cfg: Config) -> str:
 
 def save_train(path: Path, **changes) -> None:
     """Rewrite a run's config.yaml with train settings changed. The one exception to "a config is never
-    changed": a time budget re-plans the epochs (and keeps the warm-up's steps) during the run, and a resume
-    must follow the schedule the run has."""
+    changed": a time budget re-plans the steps (the epochs, the last one's cut, the warm-up kept in steps) during
+    the run, and a resume must follow the schedule the run has."""
     from cnnlab.core.runs import atomic_write
 
     used = load_config(path)

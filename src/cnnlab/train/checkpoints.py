@@ -38,7 +38,7 @@ def restore_rng(tensors: dict, state: dict) -> None:
     name, pos, has_gauss, g = state["numpy"]
     np.random.set_state((name, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, g))
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():  # the same GPUs: their draws
         torch.cuda.set_rng_state_all(cuda)
 

@@ -80,8 +80,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
     loss_sum, correct, seen = totals
     steps = steps or len(loader)  # the whole loader, or a time budget's cut-short last epoch
     # disable=None: a bar on a terminal, nothing when the output goes to a file or a pipe
-    bar = tqdm(itertools.islice(loader, max(0, steps - start_step)), desc=f"epoch {epoch}", leave=False, disable=None if progress else True, unit="batch",
-               dynamic_ncols=True, initial=start_step, total=steps)
+    bar = tqdm(itertools.islice(loader, max(0, steps - start_step)), desc=f"epoch {epoch}", leave=False,
+               disable=None if progress else True, unit="batch", dynamic_ncols=True, initial=start_step, total=steps)
     step = start_step - 1
     for step, (x, y, _) in enumerate(bar, start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -199,7 +199,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         earlier: history rows of the phases before this one, kept at the top of history.csv.
         best: saves the best weights when an epoch improves on the best so far (None: not saved).
         deadline: a time.monotonic() by which training must end (a time budget): from the second epoch on,
-            the steps left are re-planned at the pace of the last epoch to end by it.
+            the steps left are re-planned to end by it, at the pace averaged over the epochs since the first.
 
     Returns:
         FitResult; the model holds the best epoch's weights afterwards.

@@ -78,7 +78,7 @@ def lr_range_test(model: nn.Module, loader, cfg, device: torch.device, start: fl
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = criterion(model(x.to(device)).float(), y.to(device))
-        value = all_sum([loss.item()], dist, device)[0] / dist.world if dist.active else loss.item()
+        value = all_sum([loss.item()], dist, device)[0] / dist.world  # one process: its own loss
         if not math.isfinite(value):
             break
         optimizer.zero_grad(set_to_none=True)
