@@ -34,13 +34,14 @@ def _split(root):
 
 
 @pytest.mark.parametrize("seconds,chosen,epochs,probed", [
-    (400.5, "fastnet_l", 65, ["fastnet", "fastnet_m", "fastnet_l"]),  # (400.5 - 8 s for the report) / 6 s, down
-    (50.5, "fastnet_m", 14, ["fastnet", "fastnet_m", "fastnet_l"]),  # fastnet_l: 7 epochs, too few
-    (30.5, "fastnet", 22, ["fastnet", "fastnet_m"]),  # fastnet_m: 7 epochs, so fastnet_l is not even probed
+    (400, "fastnet_l", 63, ["fastnet", "fastnet_m", "fastnet_l"]),  # (400 s - 3% - 8 s for the report) / 6 s, down
+    (50, "fastnet_m", 13, ["fastnet", "fastnet_m", "fastnet_l"]),  # fastnet_l: 6 epochs, too few
+    (30, "fastnet", 21, ["fastnet", "fastnet_m"]),  # fastnet_m: 7 epochs, so fastnet_l is not even probed
 ])
 def test_the_widest_network_that_gets_ten_epochs_is_chosen(squares, monkeypatch, seconds, chosen, epochs, probed):
     """With rates fixed (fastnet 1 s per step, fastnet_m 3 s, fastnet_l 6 s, one step an epoch here, evaluation
-    free but the 8 s the report takes), the plan takes the widest that gets 10 epochs, and as many as fit."""
+    free but the 8 s the report takes, 3% of the budget kept in reserve), the plan takes the widest that gets 10
+    epochs, and as many as fit."""
     steps = {"fastnet": 1.0, "fastnet_m": 3.0, "fastnet_l": 6.0}
     probed_names = []
 
@@ -60,16 +61,16 @@ def test_the_widest_network_that_gets_ten_epochs_is_chosen(squares, monkeypatch,
 
 def test_the_last_epoch_is_cut_to_the_steps_that_fit(squares, monkeypatch):
     """At batch 30, 9 steps an epoch (270 training images) of 1 s each and a validation pass of 3 s (30 images at
-    10 per second), 84.5 s less 8 s for the report and 9 s for the final validation and test passes (90 images)
-    hold 5 whole epochs (60 s) and 7.5 s: 4 steps and the validation pass after them."""
+    10 per second), 100.5 s less the 3% reserve, 8 s for the report and 9 s for the final validation and test passes
+    (90 images) hold 6 whole epochs (72 s) and 8.5 s: 5 steps and the validation pass after them."""
     monkeypatch.setattr(budget, "probe", lambda name, *a: budget.Rate(name, 1.0, 10.0))
     cfg = load_config(None, {"data": {"path": str(squares)}, "model": {"name": "fastnet"},
-                             "train": {"time_budget": "84.5s", "batch_size": 30}})
+                             "train": {"time_budget": "100.5s", "batch_size": 30}})
     split = _split(squares)
     assert split.sizes() == {"train": 270, "val": 30, "test": 60}
     planned, record = budget.plan(cfg, split, time.monotonic(), None, "fp32", log=lambda line: None)
-    assert (planned.train.epochs, planned.train.last_epoch_steps) == (6, 4)
-    assert record["steps"] == 49 and record["steps_per_epoch"] == 9
+    assert (planned.train.epochs, planned.train.last_epoch_steps) == (7, 5)
+    assert record["steps"] == 59 and record["steps_per_epoch"] == 9
 
 
 @pytest.mark.parametrize("seconds,steps", [(100, 65), (96, 61), (95.5, 60), (15, 10), (14.9, 9), (5.5, 0)])
@@ -176,6 +177,26 @@ def test_fit_re_plans_the_steps_left_after_each_epoch(squares, tmp_path, capsys,
     assert load_checkpoint(run)[1]["scheduler"]["last_epoch"] == steps
     if status == "early_stopped":
         assert "time budget" in summary["message"]
+
+
+def test_a_plan_at_the_edge_of_its_reserve_runs_its_last_epoch(squares, tmp_path, capsys, monkeypatch):
+    """Steps that still fit before the deadline, though not with the pace's reserve kept (here a reserve of ten
+    times the run), are run as planned: the run completes its 3 epochs and the schedule its decay, rather than
+    ending an epoch early with the learning rate still high."""
+    from cnnlab.train import loop
+    from cnnlab.train.checkpoints import load_checkpoint
+
+    monkeypatch.setattr(loop, "MAX_BUDGET_EPOCHS", 3)
+    monkeypatch.setattr(loop, "PACE_RESERVE", 10.0)  # fit's own; the plan keeps the real one
+    code = main(["train", "--data", str(squares), "--model", "fastnet", "--time-budget", "1h", "--batch-size", "30",
+                 "--precision", "fp32", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["budget"]["epochs_run"] == summary["budget"]["epochs"] == 3
+    meta = load_checkpoint(run)[1]
+    assert meta["scheduler"]["last_epoch"] == 3 * summary["budget"]["steps_per_epoch"]  # the decay's last step
+    assert "time budget:" not in (run / "log.txt").read_text().split("phase scratch", 1)[1]  # never re-planned
 
 
 def test_another_epoch_count_on_resume_makes_every_epoch_whole(tmp_path):

