@@ -25,12 +25,12 @@ from results import update_section  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def matmul_rates(n: int = 2048, repeats: int = 20) -> dict[str, float]:
+def matmul_rates(n: int = 2048, repeats: int = 20, dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, float]:
     """GFLOP/s of an n x n matmul in fp32 and bf16 with torch's default threads (the best of 3 rounds)."""
     import torch
 
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, d) for d in dtypes):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         best = 0.0
         for _ in range(3):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 import cnnlab.train.loop
 from cnnlab.cli import main
+from cnnlab.core.config import load_config
 
 
 def weights(run: Path) -> dict:
@@ -61,6 +63,10 @@ def test_two_process_ddp_matches_one_process(cifar_root, tmp_path, monkeypatch):
     # the rate one process finds on the same global batches (each rank alone would pick its own and diverge)
     lr1, lr2 = (json.loads((r / "summary.json").read_text())["phases"][0]["lr"] for r in (run_one, run_two))
     assert lr1 == pytest.approx(lr2, rel=1e-6)
+    said = re.search(r"lr auto: range test suggests ([0-9.e+-]+)", (run_one / "log.txt").read_text())
+    assert said and lr1 == pytest.approx(float(said.group(1)), rel=1e-2)  # trained at what it found
+    assert 1e-5 < lr1 < 0.1  # and that is an Adam learning rate, not the range's ends
+    assert load_config(run_one / "config.yaml").train.lr == lr1  # config.yaml: what was used
     # the temperature is fitted on the whole validation split, not on rank 0's shard of it
     c1, c2 = (json.loads((r / "summary.json").read_text())["calibration"] for r in (run_one, run_two))
     assert c1["fitted_on"] == c2["fitted_on"] and c1["temperature"] == pytest.approx(c2["temperature"], rel=1e-3)

@@ -55,6 +55,16 @@ def test_maps_fall_inside_the_square(squares):
     assert peak_inside >= 0.9
 
 
+def test_a_fastnet_run_exports_with_its_tta(squares, tmp_path, capsys):
+    """`export --check` of the default network (flip TTA built in): the ONNX graph must hold the TTA, or every
+    probability differs from evaluation's and the check fails."""
+    run, data, boxes = squares
+    code = main(["export", str(run), "--out", str(tmp_path / "bundle"), "--check"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert (tmp_path / "bundle" / "model.onnx").is_file()
+
+
 def test_maps_of_the_trained_model_differ_from_random_weights(squares):
     """Adebayo et al. (2018): a map that does not change when the weights are randomised says nothing about
     what was learned. The same architecture with random weights must give other maps, that do not localise."""

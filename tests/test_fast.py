@@ -80,13 +80,6 @@ def test_fast_recipe_reaches_60_percent_on_4500_images(cifar_root, tmp_path):
     assert s["status"] == "completed" and s["test"]["accuracy"] > 0.60, s["test"]["accuracy"]
 
 
-def test_fast_run_exports_with_its_tta(fast_run, tmp_path, capsys):
-    code = main(["export", str(fast_run), "--out", str(tmp_path / "bundle"), "--check"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert (Path(tmp_path) / "bundle" / "model.onnx").is_file()
-
-
 @pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with bf16 hardware (AMX or AVX512-BF16); "
                     "emulated bf16 trains about 13x slower")
 def test_bf16_training_learns(fast_run, cifar_root, tmp_path, capsys):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cnnlab.cli import main
 from cnnlab.core.runs import RunFolder
 from cnnlab.train.checkpoints import load_checkpoint
 
@@ -34,10 +35,6 @@ def finish(proc, timeout=300) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def run_folder(out: str) -> Path:
-    return Path(out.strip().splitlines()[-1].split("run: ", 1)[1])
-
-
 def weights(run: Path) -> dict:
     return load_file(str(run / "model.safetensors"))
 
@@ -50,10 +47,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(cifar_root, tmp_path_factory):
+    """The uninterrupted run, in this process: a run is the same in a process of its own (deterministic kernels,
+    threads set by the run from the cores it may use), so the interrupted processes must end with its weights."""
     out = tmp_path_factory.mktemp("ref")
-    code, text = finish(cnnlab("train", "--data", str(cifar_root), "--out", str(out), *ARGS))
-    assert code == 0, text
-    run = run_folder(text)
+    assert main(["train", "--data", str(cifar_root), "--out", str(out), *ARGS]) == 0
+    (run,) = list(out.iterdir())
     return run, weights(run), json.loads((run / "summary.json").read_text())
 
 
@@ -104,12 +102,11 @@ def test_killed_then_stopped_from_outside_then_resumed_equals_uninterrupted(refe
         if summary.get("status", "interrupted") != "interrupted":  # it came during the final evaluation
             assert sig == signal.SIGTERM and summary["status"] in ("completed", "failed_to_learn"), summary
             break
-        if sig == signal.SIGTERM:
+        if sig == signal.SIGKILL:  # a process of its own, for the SIGTERM next
+            proc = cnnlab("train", "--resume", str(run), "--no-progress")
+        else:
             assert "--resume" in summary["message"]
-        proc = cnnlab("train", "--resume", str(run), "--no-progress")
-    else:
-        code, text = finish(proc)
-        assert code == 0, text
+            assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert_same_weights(weights(run), ref_w)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test"]["accuracy"] == ref_summary["test"]["accuracy"]
@@ -128,14 +125,11 @@ def test_kill_in_the_middle_of_a_checkpoint_write(reference, cifar_root, tmp_pat
     assert list(run.glob(".checkpoint.safetensors.fault.tmp"))  # the half-written file is there...
     tensors, meta = load_checkpoint(run)  # ...and the previous checkpoint is intact
     assert meta["progress"]["step"] == 8  # the 2nd write (steps 4, 8, then the 3rd failed)
-    code, text = finish(cnnlab("train", "--resume", str(run), "--no-progress"))
-    assert code == 0, text
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert_same_weights(weights(run), ref_w)
 
 
 def test_incompatible_resume_is_refused(reference, tmp_path, capsys):
-    from cnnlab.cli import main
-
     finished = reference[0]
     assert main(["train", "--resume", str(finished), "--epochs", "4"]) == 2  # a finished run is not resumed
     assert "already finished (completed after 3 epochs)" in capsys.readouterr().err
@@ -151,17 +145,15 @@ def test_incompatible_resume_is_refused(reference, tmp_path, capsys):
     assert main(["train", "--resume", str(ref_run.parent / "nope")]) == 2
 
 
-def test_resume_before_the_first_checkpoint_starts_again_in_place(cifar_root, tmp_path, capsys):
-    """A run killed before it ever checkpointed has learned nothing: --resume trains it from step one."""
-    from cnnlab.cli import main
-
-    args = ["--data", str(cifar_root), "--model", "cnn_small", "--epochs", "1", "--out", str(tmp_path),
-            "--set", "data.limit_per_class=20", "--no-progress"]
-    assert main(["train", *args]) == 0
-    (run,) = list(tmp_path.iterdir())
+def test_resume_before_the_first_checkpoint_starts_again_in_place(reference, tmp_path, capsys):
+    """A run killed before it ever checkpointed has learned nothing: --resume trains it from step one, in place,
+    to the uninterrupted run's weights."""
+    run = tmp_path / "runs" / reference[0].name
+    shutil.copytree(reference[0], run)
     for name in ("checkpoint.safetensors", "summary.json", "model.safetensors", "history.csv", "phases.json"):
         (run / name).unlink()
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
-    assert (run / "summary.json").is_file() and list(tmp_path.iterdir()) == [run]
+    assert (run / "summary.json").is_file() and list(run.parent.iterdir()) == [run]
     assert "no checkpoint yet" in (run / "log.txt").read_text() or "no checkpoint yet" in capsys.readouterr().out
+    assert_same_weights(weights(run), reference[1])

@@ -15,7 +15,6 @@ import yaml
 from safetensors.numpy import load_file
 
 from cnnlab.cli import main
-from cnnlab.core.config import load_config
 from cnnlab.report.compare import run_row
 from cnnlab.train.lr_find import suggest_lr
 
@@ -150,7 +149,7 @@ def test_lr_suggestion_is_not_fooled_by_noise():
         assert 1e-4 <= s["suggestion"] <= 3e-3, (seed, s["suggestion"])
 
 
-def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
+def test_lr_find_command(cifar_root, tmp_path, capsys):
     assert main(["lr-find", "--data", str(cifar_root), "--model", "cnn_small", "--image-size", "16", "--batch-size", "32", "--out",
                  str(tmp_path), "--set", "data.limit_per_class=30"]) == 0
     out = capsys.readouterr().out
@@ -163,16 +162,7 @@ def test_lr_find_command_and_lr_auto(cifar_root, tmp_path, capsys):
     assert lrs[0] * 10 <= result["suggestion"] <= result["lr_min_loss"]
     at = np.searchsorted(lrs, result["suggestion"])
     assert np.median(losses[max(0, at - 2):at + 3]) < np.median(losses[:5]) - 0.05, (result["suggestion"], losses)
-    assert (folder / "lr_find.png").stat().st_size > 1000
-    assert main(["train", "--data", str(cifar_root), "--model", "cnn_small", "--lr", "auto", "--epochs", "1",
-                 "--batch-size", "32", "--image-size", "16",
-                 "--out", str(tmp_path / "runs"), "--set", "data.limit_per_class=30", "--no-progress"]) == 0
-    run = Path(capsys.readouterr().out.strip().splitlines()[-1][len("run: "):])
-    s = json.loads((run / "summary.json").read_text())
-    said = re.search(r"lr auto: range test suggests ([0-9.e+-]+)", (run / "log.txt").read_text())
-    assert said and s["phases"][0]["lr"] == pytest.approx(float(said.group(1)), rel=1e-2)  # trained at what it found
-    assert 1e-5 < s["phases"][0]["lr"] < 0.1  # and that is an Adam learning rate, not the range's ends
-    assert load_config(run / "config.yaml").train.lr == s["phases"][0]["lr"]  # config.yaml: what was used
+    assert (folder / "lr_find.png").stat().st_size > 1000  # `train --lr auto`: tests/test_ddp.py
 
 
 def test_load_run_reads_only_files(study):
