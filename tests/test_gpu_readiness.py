@@ -88,3 +88,25 @@ def test_frozen_features_on_a_gpu_model_use_pytorch_on_its_device():
     engine = make_engine(nn.Linear(2, 2, device="meta"), "auto", 4, 8, torch.zeros(4, 3, 8, 8), 1, log=lines.append)
     assert isinstance(engine, TorchEngine) and engine.device.type == "meta"
     assert lines == ["features: PyTorch on meta"]
+
+
+def test_a_training_step_reads_one_number_back_from_the_device(monkeypatch):
+    """Checklist 8: each step reads back only its loss (to stop before a step on a non-finite loss); the loss sum
+    and the right answers are summed on the device and read at the epoch's end. On a GPU every read makes
+    the host wait for the device."""
+    from cnnlab.train.loop import train_one_epoch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,)), None) for _ in range(20)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    reads = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: reads.append(_n) or _o(self))
+    result = train_one_epoch(model, batches, optimizer, scheduler, nn.CrossEntropyLoss(), "fp32",
+                             torch.device("cpu"), 1, progress=False)
+    monkeypatch.undo()
+    assert result["status"] == "ok" and result["step"] == 20
+    assert len(reads) == 20 + 1, reads  # one loss a step, then the epoch's sums once

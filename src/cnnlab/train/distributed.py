@@ -75,9 +75,14 @@ def all_sum(values: list[float], info: DistInfo, device: torch.device = torch.de
     """Element-wise sum of `values` over all ranks (identity for one process)."""
     if not info.active:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_sum_tensor(torch.tensor(values, dtype=torch.float64, device=device), info).tolist()
+
+
+def all_sum_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """`t` summed over all ranks, in place on its device (identity for one process)."""
+    if info.active:
+        dist.all_reduce(t)
+    return t
 
 
 def broadcast(obj, info: DistInfo):

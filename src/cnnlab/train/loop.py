@@ -29,7 +29,7 @@ from cnnlab.core import signals
 from cnnlab.core.config import MAX_BUDGET_EPOCHS, TrainConfig, save_train
 from cnnlab.core.runs import RunFolder, write_csv
 from cnnlab.train.checkpoints import restore_training, save_checkpoint
-from cnnlab.train.distributed import DistInfo, all_sum
+from cnnlab.train.distributed import DistInfo, all_sum, all_sum_tensor
 from cnnlab.train.optim import build_optimizer, build_scheduler, epoch_steps, total_steps, warmup_steps
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "phase"]
@@ -77,7 +77,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
     from tqdm import tqdm
 
     model.train()
-    loss_sum, correct, seen = totals
+    # the loss sum and the right answers stay on the device: reading them each step would make the host wait
+    # for the GPU each step (checklist 8); they are read for the bar, a checkpoint and the epoch's end
+    sums, seen = torch.tensor(totals[:2], dtype=torch.float64, device=device), totals[2]
     steps = steps or len(loader)  # the whole loader, or a time budget's cut-short last epoch
     # disable=None: a bar on a terminal, nothing when the output goes to a file or a pipe
     bar = tqdm(itertools.islice(loader, max(0, steps - start_step)), desc=f"epoch {epoch}", leave=False,
@@ -88,11 +90,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         with autocast(precision, device):
             logits = model(x)
             loss = criterion(logits.float(), y)
-        local = value = loss.item()
         stopping = bool(signals.requested())  # a signal ends the epoch after this step
-        if dist.active:  # every rank must agree to stop or to diverge at the same step
-            value, flag = all_sum([local, float(stopping)], dist, device)
+        # the one host sync a step: the loss says, before the step is taken, whether the run diverged; under
+        # torchrun one all-reduce tells every rank the mean loss and whether any rank was signalled
+        if dist.active:
+            check = torch.stack([loss.detach().double(), torch.full((), float(stopping), dtype=torch.float64,
+                                                                    device=device)])
+            value, flag = all_sum_tensor(check, dist).tolist()
             value, stopping = value / dist.world, flag > 0
+        else:
+            value = loss.item()
         if not math.isfinite(value):
             bar.close()
             return {"status": "diverged", "step": step, "loss": value}
@@ -106,34 +113,40 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
             optimizer.step()
         scheduler.step()
         n = y.numel()
-        loss_sum += local * n
-        correct += (logits.argmax(1) == y).sum().item()
+        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double()])
         seen += n
-        if step % 10 == 0:
+        if step % 10 == 0 and not bar.disable:
+            loss_sum, correct = sums.tolist()
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         done = step + 1
         if stopping:
             bar.close()
-            return {"status": "stopped", "step": done, "totals": (loss_sum, correct, seen)}
+            return {"status": "stopped", "step": done, "totals": _totals(sums, seen)}
         if checkpoint_every and done % checkpoint_every == 0 and done < steps:
-            checkpoint(done, (loss_sum, correct, seen))
-    loss_sum, correct, seen = all_sum([loss_sum, correct, seen], dist, device)
+            checkpoint(done, _totals(sums, seen))
+    loss_sum, correct, seen = all_sum([*_totals(sums, seen)], dist, device)
     return {"status": "ok", "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen), "step": step + 1}
+
+
+def _totals(sums: torch.Tensor, seen: int) -> tuple[float, int, int]:
+    """(loss sum, right answers, images seen) as a checkpoint keeps them."""
+    loss_sum, correct = sums.tolist()
+    return loss_sum, round(correct), seen
 
 
 @torch.no_grad()
 def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> tuple[float, float]:
     """Mean cross-entropy (no smoothing, no class weights) and accuracy, summed over ranks."""
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    sums, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # on the device, as in train_one_epoch
     for x, y, _ in loader:
         x, y = x.to(device), y.to(device)
         with autocast(precision, device):
             logits = model(x).float()
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        sums += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                             (logits.argmax(1) == y).sum().double()])
         seen += y.numel()
-    loss_sum, correct, seen = all_sum([loss_sum, correct, seen], dist, device)
+    loss_sum, correct, seen = all_sum([*_totals(sums, seen)], dist, device)
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
