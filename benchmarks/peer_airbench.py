@@ -10,9 +10,10 @@ The peer is installed `--no-deps` into benchmarks/out/peer/site (never a cnnlab 
 its own process with its CUDA-only calls mapped onto the CPU at run time: `.cuda()` is the identity,
 `.half()` is fp32 (the published recipe trains in fp16 on a GPU; under CPU bf16 autocast it stalls,
 issue 21, so the comparison is in fp32), CUDA events are a wall clock, `synchronize` does nothing.
-Its code is not copied or changed. Each side is timed the same way: training (airbench from its
-whitening initialisation to its last step; cnnlab's summary.json `time.train_seconds`), and the wall time of
-the whole process (imports, data, training, test-time-augmented evaluation; cnnlab's report too).
+Its code is not copied or changed. Each side is timed the same way: training (airbench's whole `train94`
+call: loading its packed tensors, the network, the whitening initialisation and every step; cnnlab's
+summary.json `time.train_seconds`), and the wall time of the whole process (imports, data, training,
+test-time-augmented evaluation; cnnlab's report too).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def peer_run(seed: int, epochs: int | None) -> dict:
             "wall_seconds": time.perf_counter() - start}
 
 
-def _child(args: list[str]) -> tuple[dict, float]:
+def _child(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def matmul_rates(n: int = 2048, repeats: int = 20, dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, float]:
-    """GFLOP/s of an n x n matmul in fp32 and bf16 with torch's default threads (the best of 3 rounds)."""
+    """GFLOP/s of an n x n matmul in each of `dtypes` with torch's default threads (the best of 3 rounds)."""
     import torch
 
     out = {}

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # for tests/hostile.py
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CIFAR_SAMPLE = 250  # images per class and split: the most any test's data.limit_per_class asks for
+CIFAR_SAMPLE = 250  # images per class and split: the most any default test's data.limit_per_class asks for
 
 
 def pytest_configure(config):
@@ -89,11 +89,17 @@ def cifar_root(tmp_path_factory) -> Path:
     assert (shared / "train").is_dir(), f"the shared CIFAR-10 copy is missing at {shared}"
     root = tmp_path_factory.mktemp("cifar10")
     for split in ("train", "test"):
-        for folder in sorted((shared / split).iterdir()):
+        for folder in sorted(p for p in (shared / split).iterdir() if p.is_dir()):
             (root / split / folder.name).mkdir(parents=True)
             for image in sorted(folder.iterdir())[:CIFAR_SAMPLE]:
                 (root / split / folder.name / image.name).symlink_to(image)
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_full() -> Path:
+    """The whole shared CIFAR-10 copy, read in place: for the `slow` tests that train on more than the sample."""
+    return SHARED / "cifar10"
 
 
 @pytest.fixture(scope="session")

@@ -179,24 +179,22 @@ def test_fit_re_plans_the_steps_left_after_each_epoch(squares, tmp_path, capsys,
         assert "time budget" in summary["message"]
 
 
-def test_a_plan_at_the_edge_of_its_reserve_runs_its_last_epoch(squares, tmp_path, capsys, monkeypatch):
-    """Steps that still fit before the deadline, though not with the pace's reserve kept (here a reserve of ten
-    times the run), are run as planned: the run completes its 3 epochs and the schedule its decay, rather than
-    ending an epoch early with the learning rate still high."""
-    from cnnlab.train import loop
-    from cnnlab.train.checkpoints import load_checkpoint
+@pytest.mark.parametrize("seconds,left,cap,steps", [
+    (31, 20, 99, 20),  # the plan still fits (20 steps), though not with 3 s spare (18): kept, its last epoch run
+    (15.5, 10, 99, 10),  # so is the last epoch at the end, rather than cut to the 7 steps that leave 3 s spare
+    (50, 20, 99, 30),  # 30 fit with 3 s to spare: grown
+    (46, 20, 99, 28),  # 30 fit, but only 28 with 3 s to spare: grown to 28
+    (40, 30, 99, 22),  # the plan no longer fits (25 do): shrunk to the 22 that leave 3 s spare
+    (7, 10, 99, 2),  # 2 fit, none with the spare kept: shrunk to what fits
+    (5.5, 10, 99, 0),  # nothing fits: the run ends
+    (1000, 20, 25, 25),  # the cap on the run's total
+])
+def test_a_re_plan_keeps_a_plan_that_fits_and_grows_only_with_time_to_spare(seconds, left, cap, steps):
+    """`fit`'s re-plan, with 10 steps an epoch of 1 s each, 5 s of validation after every epoch and a 3 s
+    reserve: the pace's swings must neither drop a planned epoch that still fits nor re-plan back and forth."""
+    from cnnlab.train.loop import steps_to_plan
 
-    monkeypatch.setattr(loop, "MAX_BUDGET_EPOCHS", 3)
-    monkeypatch.setattr(loop, "PACE_RESERVE", 10.0)  # fit's own; the plan keeps the real one
-    code = main(["train", "--data", str(squares), "--model", "fastnet", "--time-budget", "1h", "--batch-size", "30",
-                 "--precision", "fp32", "--out", str(tmp_path), "--no-progress"])
-    assert code == 0, capsys.readouterr()
-    (run,) = tmp_path.iterdir()
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["budget"]["epochs_run"] == summary["budget"]["epochs"] == 3
-    meta = load_checkpoint(run)[1]
-    assert meta["scheduler"]["last_epoch"] == 3 * summary["budget"]["steps_per_epoch"]  # the decay's last step
-    assert "time budget:" not in (run / "log.txt").read_text().split("phase scratch", 1)[1]  # never re-planned
+    assert steps_to_plan(seconds, 3.0, 1.0, 5.0, 10, left, cap) == steps
 
 
 def test_another_epoch_count_on_resume_makes_every_epoch_whole(tmp_path):

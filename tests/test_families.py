@@ -1,6 +1,6 @@
 """Every report's pretrained family built, trained frozen and fine-tuned from a weights file the test writes.
 
-(Its own file, so the test runner can give it a worker of its own beside tests/test_transfer.py.)"""
+(Its own file: the test runner hands out whole files, the heaviest first, tests/conftest.py's HEAVY_FIRST.)"""
 
 from __future__ import annotations
 

@@ -75,8 +75,8 @@ def test_fast_recipe_learns_on_two_thousand_images(fast_run):
 
 
 @pytest.mark.slow  # an accuracy target, not a behaviour: `pytest -m slow` (about 45 s on 2 cores)
-def test_fast_recipe_reaches_60_percent_on_4500_images(cifar_root, tmp_path):
-    s = json.loads((_train_default(cifar_root, tmp_path, epochs=10, per_class=500) / "summary.json").read_text())
+def test_fast_recipe_reaches_60_percent_on_4500_images(cifar_full, tmp_path):
+    s = json.loads((_train_default(cifar_full, tmp_path, epochs=10, per_class=500) / "summary.json").read_text())
     assert s["status"] == "completed" and s["test"]["accuracy"] > 0.60, s["test"]["accuracy"]
 
 

@@ -10,9 +10,10 @@ same whatever the pixels). From those rates, the images in the split and the tim
   fastnet with the epochs that fit. A named network keeps its name.
 - the steps, and with them the epochs and the schedule's length: as many as end training in time
   for the final evaluation (the validation and test passes, the figures and the report), the last
-  epoch cut short where a whole one would overrun (train.last_epoch_steps). The count is fixed
-  again just before the first epoch, once the data is loaded, and by `fit` after every epoch from
-  the second on, at the pace it measured.
+  epoch cut short where a whole one would overrun (train.last_epoch_steps), with 3% of the budget
+  kept spare for the pace's swings. The count is fixed again just before the first epoch, once the
+  data is loaded, and by `fit` after every epoch from the second on, at the pace it measured: kept
+  while it still fits, grown into what fits with the spare kept, shrunk once it no longer fits.
 The budget counts from the start of the `cnnlab` command (from the call of `train` in Python). The
 plan and the measured rates go into summary.json under "budget".
 """
@@ -69,7 +70,7 @@ def budget_seconds(cfg: Config) -> float | None:
 def plan(cfg: Config, split: Split, started: float, device: torch.device, precision: str, log) -> tuple[Config, dict]:
     """The config with the network and epochs that fit the budget, and the plan for summary.json."""
     budget = budget_seconds(cfg)
-    usable = budget * (1 - PACE_RESERVE)  # planned as `fit` re-plans: with a reserve for the pace's swings
+    usable = budget * (1 - PACE_RESERVE)  # with the reserve `fit` keeps when it grows the plan
     m = cfg.model
     if m.pretrained or m.weights or m.init or cfg.train.freeze or is_transfer_name(m.name or ""):
         raise UserError("train.time_budget plans networks trained from scratch (the fastnet widths, or a named "
@@ -95,7 +96,8 @@ def plan(cfg: Config, split: Split, started: float, device: torch.device, precis
         need = rate.epoch_seconds(counts["train"], counts["val"], batch) + rate.after_seconds(counts["val"], counts["test"])
         raise UserError(f"a time budget of {budget:.0f} s leaves no time for one epoch of {name} on this machine "
                         f"({spent:.0f} s spent on the data and the measurement, then about {need:.0f} s for one epoch "
-                        f"and the evaluation); give train.time_budget at least {math.ceil(spent + need)}s")
+                        f"and the evaluation); give train.time_budget at least "
+                        f"{math.ceil((spent + need) / (1 - PACE_RESERVE))}s")
     train = planned(cfg.train, steps, per_epoch)
     record = {"seconds": budget, "model": name, "epochs_planned": train.epochs, "epochs": train.epochs,
               "steps_planned": steps, "steps": steps, "steps_per_epoch": per_epoch, "batch_size": batch,
@@ -137,9 +139,10 @@ def budget_record(record: dict, used: TrainConfig, epochs_run: int, started: flo
             "seconds_at_summary": round(time.monotonic() - started, 1)}
 
 
-def deadline(record: dict, counts: dict, started: float) -> float:
-    """The monotonic time by which the last epoch must end, for `fit`'s guard."""
-    return started + record["seconds"] - _after(record, counts)
+def fit_limits(record: dict, counts: dict, started: float) -> dict:
+    """`fit`'s deadline (the monotonic time by which the last epoch must end) and the reserve its re-plans keep."""
+    return {"deadline": started + record["seconds"] - _after(record, counts),
+            "reserve": PACE_RESERVE * record["seconds"]}
 
 
 def _after(record: dict, counts: dict) -> float:

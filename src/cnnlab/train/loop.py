@@ -90,16 +90,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         with autocast(precision, device):
             logits = model(x)
             loss = criterion(logits.float(), y)
-        stopping = bool(signals.requested())  # a signal ends the epoch after this step
-        # the one host sync a step: the loss says, before the step is taken, whether the run diverged; under
-        # torchrun one all-reduce tells every rank the mean loss and whether any rank was signalled
-        if dist.active:
-            check = torch.stack([loss.detach().double(), torch.full((), float(stopping), dtype=torch.float64,
-                                                                    device=device)])
-            value, flag = all_sum_tensor(check, dist).tolist()
-            value, stopping = value / dist.world, flag > 0
-        else:
-            value = loss.item()
+        value, stopping = _read_back(loss, bool(signals.requested()), dist, device)  # a signal: the last step
         if not math.isfinite(value):
             bar.close()
             return {"status": "diverged", "step": step, "loss": value}
@@ -124,12 +115,22 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
             return {"status": "stopped", "step": done, "totals": _totals(sums, seen)}
         if checkpoint_every and done % checkpoint_every == 0 and done < steps:
             checkpoint(done, _totals(sums, seen))
-    loss_sum, correct, seen = all_sum([*_totals(sums, seen)], dist, device)
+    loss_sum, correct, seen = all_sum(list(_totals(sums, seen)), dist, device)
     return {"status": "ok", "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen), "step": step + 1}
 
 
+def _read_back(loss: torch.Tensor, stopping: bool, dist: DistInfo, device) -> tuple[float, bool]:
+    """A step's one host sync: the loss (the mean over ranks under torchrun), read before the step is taken so
+    that a non-finite one is never stepped on, and whether any rank was signalled; one all-reduce for both."""
+    if not dist.active:
+        return loss.item(), stopping
+    check = torch.stack([loss.detach().double(), torch.full((), float(stopping), dtype=torch.float64, device=device)])
+    value, flag = all_sum_tensor(check, dist).tolist()
+    return value / dist.world, flag > 0
+
+
 def _totals(sums: torch.Tensor, seen: int) -> tuple[float, int, int]:
-    """(loss sum, right answers, images seen) as a checkpoint keeps them."""
+    """(loss sum, right answers, images seen) as Python numbers, from the sums kept on the device."""
     loss_sum, correct = sums.tolist()
     return loss_sum, round(correct), seen
 
@@ -146,11 +147,11 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
         sums += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
                              (logits.argmax(1) == y).sum().double()])
         seen += y.numel()
-    loss_sum, correct, seen = all_sum([*_totals(sums, seen)], dist, device)
+    loss_sum, correct, seen = all_sum(list(_totals(sums, seen)), dist, device)
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
-PACE_RESERVE = 0.03  # of a time budget's training time, kept spare when planning: an epoch's pace swings ~15%
+PACE_RESERVE = 0.03  # of a time budget, kept spare when a plan is made or grown: an epoch's pace swings ~15%
 
 
 def steps_that_fit(seconds: float, step_seconds: float, epoch_seconds: float, steps_per_epoch: int) -> int:
@@ -162,6 +163,17 @@ def steps_that_fit(seconds: float, step_seconds: float, epoch_seconds: float, st
     rest = int(max(0.0, seconds - epochs * whole - epoch_seconds) / step_seconds)
     rest = min(rest, steps_per_epoch - 1) if rest >= 1 and 10 * rest >= steps_per_epoch else 0
     return min(epochs * steps_per_epoch + rest, MAX_BUDGET_EPOCHS * steps_per_epoch)
+
+
+def steps_to_plan(seconds: float, reserve: float, step_seconds: float, epoch_seconds: float, steps_per_epoch: int,
+                  left: int, cap: int) -> int:
+    """The steps a time budget's run should still train, `left` planned, `seconds` to its deadline: the plan
+    is kept while it fits, so that the pace's swings neither drop its last epoch (and the schedule's decay)
+    nor re-plan it back and forth; it grows only into what fits with `reserve` seconds to spare, and shrinks
+    to that, or to what fits at all, once it no longer fits. 0: nothing fits, the run ends here."""
+    fits = steps_that_fit(seconds, step_seconds, epoch_seconds, steps_per_epoch)
+    spare = steps_that_fit(seconds - reserve, step_seconds, epoch_seconds, steps_per_epoch)
+    return min(max(spare, left) if left <= fits else (spare or fits), cap)
 
 
 def planned(cfg: TrainConfig, steps: int, steps_per_epoch: int) -> TrainConfig:
@@ -198,7 +210,7 @@ def _finite(model: nn.Module) -> bool:
 def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: torch.device, precision: str,
         class_weights: torch.Tensor | None = None, log=print, progress=True, resume: tuple | None = None,
         dist: DistInfo = DistInfo(), run_info: dict | None = None, phase: str = "scratch", earlier: list = (),
-        best: BestWeights | None = None, deadline: float | None = None) -> FitResult:
+        best: BestWeights | None = None, deadline: float | None = None, reserve: float = 0.0) -> FitResult:
     """Train `model` on `loaders.train`, validating on `loaders.val` each epoch.
 
     Args:
@@ -215,7 +227,8 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         earlier: history rows of the phases before this one, kept at the top of history.csv.
         best: saves the best weights when an epoch improves on the best so far (None: not saved).
         deadline: a time.monotonic() by which training must end (a time budget): from the second epoch on,
-            the steps left are re-planned to end by it, at the pace averaged over the epochs since the first.
+            the steps left are re-planned (`steps_to_plan`) at the pace averaged over the epochs since the first.
+        reserve: seconds a re-plan keeps spare before `deadline` when it grows the plan.
 
     Returns:
         FitResult; the model holds the best epoch's weights afterwards.
@@ -252,7 +265,6 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
     status, message = "completed", ""
     spe, saved_seconds = len(loaders.train), 0.0  # steps per epoch; the last epoch-end checkpoint's seconds
     paced = [0.0, 0, 0.0, 0]  # a time budget's pace since the first epoch: training s, steps, other s, epochs
-    reserve = PACE_RESERVE * (deadline - time.monotonic()) if deadline is not None else 0.0
     with signals.deferred():
         epoch = first = p["epoch"]
         while epoch <= cfg.epochs:
@@ -302,13 +314,9 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 paced = [paced[0] + trained, paced[1] + result["step"] - start_step, paced[2] + other, paced[3] + 1]
                 step_seconds, other = paced[0] / max(1, paced[1]), paced[2] / paced[3]
                 done, left = epoch * spe, total_steps(spe, cfg) - epoch * spe
-                seconds_left = deadline - time.monotonic() - saved_seconds
-                cap = MAX_BUDGET_EPOCHS * spe - done  # the cap is on the run's total, not on what is left
-                fits = min(steps_that_fit(seconds_left, step_seconds, other, spe), cap)
-                # aim short of the deadline by a reserve for the pace's swings, so that a plan made at the edge
-                # does not leave its last epoch, and the schedule's decay, out; near the end, what still fits
-                more = min(steps_that_fit(seconds_left - reserve, step_seconds, other, spe) or min(fits, left), cap)
-                if not fits:
+                more = steps_to_plan(deadline - time.monotonic() - saved_seconds, reserve, step_seconds, other,
+                                     spe, left, MAX_BUDGET_EPOCHS * spe - done)  # the cap is on the run's total
+                if not more:
                     status = "early_stopped"
                     message = (f"time budget: epoch {epoch + 1} of {cfg.epochs} would end after the budget leaves for "
                                f"the evaluation (epochs take {spe * step_seconds + other:.1f} s); best epoch {p['best_epoch']}")

@@ -35,7 +35,7 @@ from cnnlab.evaluate.predict import inference_speed
 from cnnlab.evaluate.run_report import write_run_report
 from cnnlab.models.checkpoint import save_model, save_weights
 from cnnlab.models.summary import count_params, format_summary, summarize
-from cnnlab.train.budget import budget_record, budget_seconds, deadline as budget_deadline, plan as plan_budget, steps_now
+from cnnlab.train.budget import budget_record, budget_seconds, fit_limits, plan as plan_budget, steps_now
 from cnnlab.train.checkpoints import load_checkpoint
 from cnnlab.train.distributed import DistInfo, barrier, broadcast, cleanup, data_parallel, device_for, setup
 from cnnlab.train.features import feature_loaders
@@ -267,7 +267,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
                      log=ctx.log, progress=ctx.progress, resume=ctx.checkpoint if saved_phase == ph.name else None,
                      dist=dist, run_info={**ctx.run_info, "phase": ph.name}, phase=ph.name, earlier=rows,
                      best=_best_weights(ctx, net),
-                     deadline=budget_deadline(ctx.budget, ctx.split.sizes(), ctx.started) if ctx.budget else None)
+                     **(fit_limits(ctx.budget, ctx.split.sizes(), ctx.started) if ctx.budget else {}))
         evaluator = (net.module if dist.active else net, ld)
         if features is not None and result.best_epoch and dist.main:  # the backbone with the best head
             _save_model(ctx)
