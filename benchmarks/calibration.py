@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import SHARED_CIFAR10, update_section  # noqa: E402
+from results import SHARED_CIFAR10, mean_sd, update_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HYMENOPTERA = SHARED_CIFAR10.parent / "hymenoptera"
@@ -41,12 +40,6 @@ def _run(overrides: dict) -> tuple[dict, float]:
     return json.loads((run / "summary.json").read_text()), time.perf_counter() - start
 
 
-def _mean(values: list[float], digits: int = 4) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -65,10 +58,10 @@ def main() -> None:
             walls.append(wall)
             print(name, seed, json.dumps(records[-1]), flush=True)
         col = {k: [r[k] for r in records] for k in records[0]}
-        body.append(f"| {name} | {_mean(col['temperature'], 3)} | {_mean(col['ece_before'])} | "
-                    f"{_mean(col['ece_after'])} | {_mean(col['nll_before'])} | {_mean(col['nll_after'])} | "
-                    f"{_mean(col['accuracy_before'])} | {_mean(col['accuracy_after'])} | {records[0]['n']:,} | "
-                    f"{_mean(walls, 0)} |")
+        body.append(f"| {name} | {mean_sd(col['temperature'], 3)} | {mean_sd(col['ece_before'])} | "
+                    f"{mean_sd(col['ece_after'])} | {mean_sd(col['nll_before'])} | {mean_sd(col['nll_after'])} | "
+                    f"{mean_sd(col['accuracy_before'])} | {mean_sd(col['accuracy_after'])} | {records[0]['n']:,} | "
+                    f"{mean_sd(walls, 0)} |")
     update_section("calibration", "\n".join(body))
 
 

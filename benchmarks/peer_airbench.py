@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import SHARED_CIFAR10, update_section  # noqa: E402
+from results import SHARED_CIFAR10, mean_sd, update_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "out" / "peer"
@@ -130,13 +130,6 @@ def cnnlab_run(seed: int, epochs: int | None) -> dict:
             "decoded": "into the cache" in (run / "log.txt").read_text()}
 
 
-def _stat(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    values = [v * scale for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -165,8 +158,8 @@ def main() -> None:
 def _body(results: dict[str, list[dict]], args) -> str:
     rows = ["| recipe | epochs | test accuracy % | training s | wall s (whole process) |", "|---|---|---|---|---|"]
     for name, rs in results.items():
-        rows.append(f"| {name} | {rs[0]['epochs']:g} | {_stat([r['accuracy'] for r in rs], 100, 2)} | "
-                    f"{_stat([r['train_seconds'] for r in rs])} | {_stat([r['wall_seconds'] for r in rs])} |")
+        rows.append(f"| {name} | {rs[0]['epochs']:g} | {mean_sd([100 * r['accuracy'] for r in rs], 2)} | "
+                    f"{mean_sd([r['train_seconds'] for r in rs], 1)} | {mean_sd([r['wall_seconds'] for r in rs], 1)} |")
     peer, mine = results.values()
     done = args.seeds[:len(mine)]
     ratio = statistics.mean(r["train_seconds"] for r in mine) / statistics.mean(r["train_seconds"] for r in peer)

@@ -32,6 +32,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores ({isa}), {platform.system()}, Python {platform.python_version()}"
 
 
+def mean_sd(values: list[float], digits: int = 4) -> str:
+    """"mean ± standard deviation" of `values` (the value alone for one)."""
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def update_section(name: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])

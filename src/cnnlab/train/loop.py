@@ -90,7 +90,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         with autocast(precision, device):
             logits = model(x)
             loss = criterion(logits.float(), y)
-        value, stopping = _read_back(loss, bool(signals.requested()), dist, device)  # a signal: the last step
+        value, stopping = read_back(loss, bool(signals.requested()), dist, device)  # a signal: the last step
         if not math.isfinite(value):
             bar.close()
             return {"status": "diverged", "step": step, "loss": value}
@@ -119,7 +119,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
     return {"status": "ok", "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen), "step": step + 1}
 
 
-def _read_back(loss: torch.Tensor, stopping: bool, dist: DistInfo, device) -> tuple[float, bool]:
+def read_back(loss: torch.Tensor, stopping: bool, dist: DistInfo, device) -> tuple[float, bool]:
     """A step's one host sync: the loss (the mean over ranks under torchrun), read before the step is taken so
     that a non-finite one is never stepped on, and whether any rank was signalled; one all-reduce for both."""
     if not dist.active:

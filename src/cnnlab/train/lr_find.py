@@ -24,7 +24,8 @@ from cnnlab.core.env import seed_everything, set_threads
 from cnnlab.core.figures import save_figure
 from cnnlab.core.runs import RunFolder, new_run_dir, save_json
 from cnnlab.data.loaders import make_loaders
-from cnnlab.train.distributed import DistInfo, all_sum
+from cnnlab.train.distributed import DistInfo
+from cnnlab.train.loop import read_back
 from cnnlab.train.optim import build_optimizer
 from cnnlab.train.setup import build_model, data_and_split, init_from_data
 
@@ -78,7 +79,7 @@ def lr_range_test(model: nn.Module, loader, cfg, device: torch.device, start: fl
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = criterion(model(x.to(device)).float(), y.to(device))
-        value = all_sum([loss.item()], dist, device)[0] / dist.world  # one process: its own loss
+        value = read_back(loss, False, dist, device)[0]  # the mean over ranks; one process: its own loss
         if not math.isfinite(value):
             break
         optimizer.zero_grad(set_to_none=True)
