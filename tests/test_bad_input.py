@@ -255,10 +255,10 @@ def test_bad_input(name, tmp_path, monkeypatch, capsys, request, cifar_root):
           f"cnnlab {' '.join(argv)}\nexit {code}\nstdout: {out[-2000:]}\nstderr: {err[-3000:]}")
 
 
-@pytest.mark.parametrize("name", ["study-lrs-not-a-list", "summary-size-below-fastnet"])
-def test_no_traceback_reaches_a_terminal(name, tmp_path, run, cifar_root):
-    """The same contract through a real `python -m cnnlab` process (these two used to crash)."""
-    case = CASES[name]
+def test_no_traceback_reaches_a_terminal(tmp_path, run, cifar_root):
+    """The same contract through a real `python -m cnnlab` process, on a case that used to crash (the others
+    reach the same entry point's error handling in process, above)."""
+    case = CASES["summary-size-below-fastnet"]
     argv, names = prepare(case, tmp_path, run, cifar_root)
     roots = watched(tmp_path, run)
     before = listing(*roots)

@@ -13,6 +13,7 @@ from squares import COLOURS, mass_inside, write_squares
 from cnnlab import api
 from cnnlab.cli import main
 from cnnlab.data.augment import to_model_input
+from cnnlab.data.decode import load_array
 from cnnlab.evaluate.explain import METHODS, class_maps, explain_arrays, target_layer
 from cnnlab.evaluate.predict import Predictions, Predictor
 from cnnlab.models import create_model
@@ -165,7 +166,8 @@ def test_galleries_map_the_class_said_and_the_true_one(squares, tmp_path, monkey
 
     run, data, boxes = squares
     predictor = Predictor.load(run, engine="torch")
-    paths = list(boxes)[:8]
+    by_class = [[p for p in boxes if p.split("/")[1] == c] for c in predictor.classes_]
+    paths = [by_class[k % 3][k // 3] for k in range(8)]  # the classes in turn: no two maps' classes alike by chance
     truth = np.array([predictor.classes_.index(p.split("/")[1]) for p in paths])
     probs = np.full((8, 3), 0.1)
     said = (truth + np.array([1, 2, 0, 0, 1, 0, 0, 0])) % 3  # images 0, 1 and 4 are mistakes
@@ -174,11 +176,18 @@ def test_galleries_map_the_class_said_and_the_true_one(squares, tmp_path, monkey
     probs /= probs.sum(1, keepdims=True)
     preds = Predictions(paths, truth, probs, tuple(predictor.classes_), 0.0, np.log(probs))
     asked, real = [], galleries.explain_arrays
-    monkeypatch.setattr(galleries, "explain_arrays", lambda *a: asked.append(sorted(a[4])) or real(*a))
+    monkeypatch.setattr(galleries, "explain_arrays", lambda *a: asked.append((a[1], list(a[4]))) or real(*a))
     written = galleries.write_galleries(predictor.model, predictor.meta, preds, data, tmp_path)
     assert [p.name for p in written] == ["misclassified.png", "confident.png"]
     wrong, right = [0, 1, 4], [2, 3, 5, 6, 7]
-    assert asked == [sorted(said[wrong]), sorted(truth[wrong]), sorted(said[right]), sorted((said[right] + 1) % 3)]
+    assert len(asked) == 2  # one call a gallery, for both maps of each image: its images twice, then the classes
+    for (arrays, targets), picked, other in zip(asked, (wrong, right), (truth, (said + 1) % 3)):
+        n = len(picked)
+        assert len(arrays) == 2 * n and all(a is b for a, b in zip(arrays[:n], arrays[n:]))
+        for i in picked:  # each image's two maps: of the class it said and of the other class, whatever the order
+            image = load_array(data / paths[i], predictor.meta["image_size"], predictor.meta.get("crop", 1.0))
+            (at,) = [k for k in range(n) if np.array_equal(arrays[k], image)]
+            assert (targets[at], targets[n + at]) == (said[i], other[i])
 
 
 def _explain_cli(capsys, *args):

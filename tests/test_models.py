@@ -94,3 +94,65 @@ def test_prefix_families_resolve_through_the_registry():
 def test_image_too_small_for_preset():
     with pytest.raises(UserError, match="image size 8"):
         create_model("report004_vgg", 10, 8)
+
+
+def test_an_empty_build_takes_the_weights_it_is_given_and_initialises_the_rest():
+    """create_model(empty=True) + load_state (how a run with ImageNet weights and `load_model` build): the
+    backbone holds the file's tensors, dtype cast to the model's, and the new head is initialised, not left
+    without values; the same weights in a model built the usual way give the same features."""
+    from cnnlab.models.weights import load_backbone
+
+    torch.manual_seed(0)
+    usual = create_model("resnet18", 3, 64)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in usual.backbone.state_dict().items()}
+    model = create_model("resnet18", 3, 64, empty=True)
+    assert all(p.is_meta for p in model.parameters())
+    load_backbone(model, state, "resnet18")
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    head = model.head[-1]
+    assert head.weight.std() > 0 and head.weight.abs().max() <= 1 / 512 ** 0.5  # Linear's own initialisation
+    usual.backbone.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval().features(x), usual.eval().features(x))
+
+
+class _Scaled(torch.nn.Module):
+    """A buffer made at build time and kept out of the state dict (persistent=False): no file fills it."""
+
+    def __init__(self, num_classes, image_size):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, num_classes)
+        self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+
+
+class _Computed(_Scaled):
+    """Sizes computed from tensors while building, as torchvision's RegNets do (`.tolist()`): no meta build."""
+
+    def __init__(self, num_classes, image_size):
+        super().__init__(num_classes, image_size)
+        self.widths = torch.arange(3).tolist()
+
+
+@pytest.mark.parametrize("cls", [_Scaled, _Computed])
+def test_an_empty_build_that_only_a_real_build_can_make_is_a_usual_build(cls, monkeypatch):
+    """Such models are built with values, and load_state loads into them as load_state_dict does."""
+    from cnnlab.models import registry
+
+    monkeypatch.setitem(registry._MODELS, "only_real", registry.ModelEntry("only_real", cls, 8, "a real build"))
+    model = create_model("only_real", 2, 8, empty=True)
+    assert not model.scale.is_meta and torch.equal(model.scale, torch.full((3,), 2.0))
+    assert registry.load_state(model, {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.ones(2)}) == ([], [])
+    assert torch.equal(model.fc.weight, torch.zeros(2, 3)) and torch.equal(model.fc.bias, torch.ones(2))
+
+
+def test_weights_of_another_network_on_an_empty_build_say_so():
+    """No key of resnet18's file is convnext_tiny's: the message names the missing tensors, not a layer of
+    convnext's that cannot initialise itself."""
+    from cnnlab.models.weights import load_backbone
+
+    state = create_model("resnet18", 3, 64, empty=True).state_dict()
+    other = {k.removeprefix("backbone."): torch.zeros(v.shape) for k, v in state.items() if k.startswith("backbone.")}
+    with pytest.raises(UserError, match=r"tensors missing .*is the file for another network"):
+        load_backbone(create_model("tv:convnext_tiny", 3, 64, empty=True), other, "tv:convnext_tiny")

@@ -44,8 +44,8 @@ def write_galleries(model, preprocessing: dict, preds: Predictions, data_root: P
             continue
         index = [i for i, _ in rows]
         arrays = [a for _, a in rows]
-        said = _maps(model, arrays, preprocessing, pred[index])
-        other = _maps(model, arrays, preprocessing, second[index])
+        maps = _maps(model, arrays * 2, preprocessing, [*pred[index], *second[index]])  # one pass for both maps
+        said, other = maps[:len(arrays)], maps[len(arrays):]
         images, titles, colours = [], [], []
         for i, a, m1, m2 in zip(index, arrays, said, other):
             truth, answer = classes[preds.targets[i]], classes[pred[i]]

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import RunFolder, atomic_write, load_json, save_json, sha256_file
-from cnnlab.models.registry import create_model
+from cnnlab.models.registry import create_model, load_state
 
 BUNDLE_FILE = "bundle.json"  # classes, metrics, the "uncertain" threshold, every file's sha256
 ONNX = "model.onnx"  # the whole model (logits) in ONNX, any batch size
@@ -53,11 +53,15 @@ def load_model(folder: str | Path, weights_name: str = RunFolder.weights) -> tup
     meta = read_meta(folder)
     try:
         model = create_model(meta["model_name"], len(meta["classes"]), meta.get("input_size") or meta["image_size"],
-                             **meta.get("model_args", {}))
+                             empty=True, **meta.get("model_args", {}))
         state = load_file(str(folder / weights_name))
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"cannot load the model in {folder}: {type(e).__name__}: {e}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = load_state(model, state)
+    except RuntimeError as e:  # a tensor of another shape
+        raise UserError(f"weights in {folder / weights_name} do not fit the model {meta['model_name']}: "
+                        f"{str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise UserError(f"weights in {folder / weights_name} do not fit the model {meta['model_name']} "
                         f"(missing {len(missing)}, unexpected {len(unexpected)})")

@@ -22,6 +22,7 @@ from cnnlab.core.env import cache_dir, offline
 from cnnlab.core.errors import UserError, WeightsNotFound
 from cnnlab.core.runs import sha256_file
 from cnnlab.models.pretrained import ALIASES, TransferNet, is_transfer_name, resolve
+from cnnlab.models.registry import load_state
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -206,7 +207,9 @@ def load_backbone(model: TransferNet, state: dict[str, torch.Tensor], name: str)
     drop = (model.classifier_name + ".", "aux1.", "aux2.", "AuxLogits.")
     state = {k: v for k, v in state.items() if not k.startswith(drop)}
     try:
-        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+        missing, unexpected = load_state(model, {f"backbone.{k}": v for k, v in state.items()})  # the head too
+        missing = [k.removeprefix("backbone.") for k in missing if k.startswith("backbone.")]
+        unexpected = [k.removeprefix("backbone.") for k in unexpected]
     except RuntimeError as e:
         raise UserError(f"weights do not fit {name}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     if missing or unexpected:

@@ -20,7 +20,7 @@ from cnnlab.core.runs import RunFolder, load_json, load_run
 from cnnlab.data.loaders import first_images
 from cnnlab.data.sources import require_trainable, resolve_data, scan_folder
 from cnnlab.data.splits import Split, load_split, make_split, require_val_and_test
-from cnnlab.models import create_model, get_entry
+from cnnlab.models import create_model, get_entry, load_state
 from cnnlab.models.pretrained import is_transfer_name, pretrained_preprocessing
 from cnnlab.models.summary import summarize
 from cnnlab.models.weights import find_weights, load_backbone
@@ -85,7 +85,9 @@ def build_model(cfg: Config, split: Split, log) -> ModelSetup:
     else:
         size = cfg.data.image_size or get_entry(name).default_size
         input_size = size
-    model = create_model(name, len(split.classes), input_size, **model_args)  # shape errors surface here
+    loaded = transfer and bool(cfg.model.init or cfg.model.pretrained or cfg.model.weights)
+    model = create_model(name, len(split.classes), input_size, empty=loaded,  # the weights replace any initialisation
+                         **model_args)  # shape errors surface here
     for ph in phases:
         if isinstance(ph.unfreeze, int) and ph.unfreeze > len(model.blocks()):
             raise UserError(f"train.unfreeze {ph.unfreeze}: {name} has {len(model.blocks())} blocks; "
@@ -106,7 +108,13 @@ def check_model(cfg: Config) -> None:
 
 def load_saved(model: torch.nn.Module, run: RunFolder) -> None:
     """The full model's weights as the run folder holds them (after a finished phase or run)."""
-    model.load_state_dict(load_file(str(run.weights)))
+    try:
+        missing, unexpected = load_state(model, load_file(str(run.weights)))
+    except RuntimeError as e:  # a tensor of another shape
+        raise UserError(f"{run.weights} does not hold this model's weights: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise UserError(f"{run.weights} does not hold this model's weights ({len(missing)} of its tensors missing, "
+                        f"{len(unexpected)} unexpected)")
 
 
 def init_from_data(model, loaders, device) -> None:
