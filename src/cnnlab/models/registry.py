@@ -90,7 +90,7 @@ def create_model(name: str, num_classes: int, image_size: int | None = None, *, 
 
     `empty`: for weights loaded next with `load_state`, the tensors are made on the meta device, without
     values: a random initialisation that the weights replace costs seconds for a large network (vgg16's
-    138 million parameters: 4 s here). A model with buffers no state dict holds is built as usual."""
+    138 million parameters: 4 s here). A model that only a real build makes (`_empty`) is built as usual."""
     entry = get_entry(name)
     if num_classes < 2:
         raise UserError(f"a classifier needs at least 2 classes, got {num_classes}; give it data (or --num-classes) "
