@@ -141,7 +141,7 @@ def main() -> None:
         return
     install_peer()
     pack_data()
-    from suite_time import matmul_rates
+    from results import matmul_rates
 
     args.fp32_rate = matmul_rates(dtypes=("float32",))["float32"]  # this machine's state: the same kind has run at 150-440 GFLOP/s
     results: dict[str, list[dict]] = {"airbench94 (airbench==0.1.8, fp32)": [], "cnnlab default recipe (fastnet, fp32)": []}

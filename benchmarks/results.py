@@ -41,6 +41,24 @@ def mean_sd(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def matmul_rates(n: int = 2048, repeats: int = 20, dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, float]:
+    """GFLOP/s of an n x n matmul in each of `dtypes` with torch's default threads (the best of 3 rounds)."""
+    import torch
+
+    out = {}
+    for dtype in (getattr(torch, d) for d in dtypes):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best = 0.0
+        for _ in range(3):
+            a @ b
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+        out[str(dtype).removeprefix("torch.")] = best
+    return out
+
+
 def update_section(name: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])

@@ -20,27 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import update_section  # noqa: E402
+from results import matmul_rates, update_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def matmul_rates(n: int = 2048, repeats: int = 20, dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, float]:
-    """GFLOP/s of an n x n matmul in each of `dtypes` with torch's default threads (the best of 3 rounds)."""
-    import torch
-
-    out = {}
-    for dtype in (getattr(torch, d) for d in dtypes):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        best = 0.0
-        for _ in range(3):
-            a @ b
-            start = time.perf_counter()
-            for _ in range(repeats):
-                a @ b
-            best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
-        out[str(dtype).removeprefix("torch.")] = best
-    return out
 
 
 def main() -> None:

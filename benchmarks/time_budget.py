@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import SHARED_CIFAR10, update_section  # noqa: E402
-from suite_time import matmul_rates  # noqa: E402
+from results import SHARED_CIFAR10, matmul_rates, update_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cnnlab"]

@@ -156,3 +156,12 @@ def test_weights_of_another_network_on_an_empty_build_say_so():
     other = {k.removeprefix("backbone."): torch.zeros(v.shape) for k, v in state.items() if k.startswith("backbone.")}
     with pytest.raises(UserError, match=r"tensors missing .*is the file for another network"):
         load_backbone(create_model("tv:convnext_tiny", 3, 64, empty=True), other, "tv:convnext_tiny")
+
+
+def test_a_weights_file_that_is_not_safetensors_is_one_clear_error(tmp_path):
+    """A truncated or foreign model.safetensors (evaluate, serve, --from) says which folder, not a traceback."""
+    from cnnlab.models.checkpoint import load_weights
+
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match=f"cannot load the model in {tmp_path}: SafetensorError"):
+        load_weights(create_model("cnn_small", 3, 16, empty=True), tmp_path / "model.safetensors", "cnn_small")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from cnnlab.core.errors import UserError
@@ -54,19 +55,27 @@ def load_model(folder: str | Path, weights_name: str = RunFolder.weights) -> tup
     try:
         model = create_model(meta["model_name"], len(meta["classes"]), meta.get("input_size") or meta["image_size"],
                              empty=True, **meta.get("model_args", {}))
-        state = load_file(str(folder / weights_name))
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"cannot load the model in {folder}: {type(e).__name__}: {e}") from None
+    load_weights(model, folder / weights_name, meta["model_name"])
+    model.eval()
+    return model, meta
+
+
+def load_weights(model: torch.nn.Module, path: Path, name: str) -> None:
+    """The whole model's safetensors weights from `path` into `model` (an empty build too: `load_state`);
+    a file that does not fit `name` is one UserError."""
+    try:
+        state = load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable, or not a safetensors file
+        raise UserError(f"cannot load the model in {path.parent}: {type(e).__name__}: {e}") from None
     try:
         missing, unexpected = load_state(model, state)
     except RuntimeError as e:  # a tensor of another shape
-        raise UserError(f"weights in {folder / weights_name} do not fit the model {meta['model_name']}: "
-                        f"{str(e).splitlines()[-1].strip()}") from None
+        raise UserError(f"weights in {path} do not fit the model {name}: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
-        raise UserError(f"weights in {folder / weights_name} do not fit the model {meta['model_name']} "
+        raise UserError(f"weights in {path} do not fit the model {name} "
                         f"(missing {len(missing)}, unexpected {len(unexpected)})")
-    model.eval()
-    return model, meta
 
 
 def to_onnx(module: torch.nn.Module, example: torch.Tensor, output: str, dynamic_batch: bool) -> bytes:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from cnnlab.core.config import Config
 from cnnlab.core.errors import UserError
@@ -20,7 +19,8 @@ from cnnlab.core.runs import RunFolder, load_json, load_run
 from cnnlab.data.loaders import first_images
 from cnnlab.data.sources import require_trainable, resolve_data, scan_folder
 from cnnlab.data.splits import Split, load_split, make_split, require_val_and_test
-from cnnlab.models import create_model, get_entry, load_state
+from cnnlab.models import create_model, get_entry
+from cnnlab.models.checkpoint import load_weights
 from cnnlab.models.pretrained import is_transfer_name, pretrained_preprocessing
 from cnnlab.models.summary import summarize
 from cnnlab.models.weights import find_weights, load_backbone
@@ -108,13 +108,7 @@ def check_model(cfg: Config) -> None:
 
 def load_saved(model: torch.nn.Module, run: RunFolder) -> None:
     """The full model's weights as the run folder holds them (after a finished phase or run)."""
-    try:
-        missing, unexpected = load_state(model, load_file(str(run.weights)))
-    except RuntimeError as e:  # a tensor of another shape
-        raise UserError(f"{run.weights} does not hold this model's weights: {str(e).splitlines()[-1].strip()}") from None
-    if missing or unexpected:
-        raise UserError(f"{run.weights} does not hold this model's weights ({len(missing)} of its tensors missing, "
-                        f"{len(unexpected)} unexpected)")
+    load_weights(model, run.weights, getattr(model, "model_name", type(model).__name__))
 
 
 def init_from_data(model, loaders, device) -> None:
