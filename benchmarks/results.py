@@ -28,7 +28,8 @@ def machine() -> str:
     except OSError:
         pass
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    isa = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+           else "AVX2" if "avx2" in flags else "?")
     return f"{cpu}, {os.cpu_count()} cores ({isa}), {platform.system()}, Python {platform.python_version()}"
 
 
