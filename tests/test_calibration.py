@@ -125,3 +125,66 @@ def test_the_predictor_divides_the_logits_by_the_models_temperature(trained, tmp
     expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     assert np.abs(p3 - expected).max() < 1e-5
     assert p3.max() < p1.max()
+
+
+def _feature_loaders(labels: np.ndarray, signal: float = 1.0, dim: int = 256, seed: int = 0):
+    """Feature loaders as the frozen phase builds them: two views per training image (the second a near
+    copy, as a mirror's features are), and a validation split of the same training images (so that the
+    best epoch is the one that fits the training images best: a head that saw an image answers for it).
+    The features show the label with strength `signal` (0: pure noise, nothing to learn)."""
+    import torch
+
+    from cnnlab.data.loaders import Loader, Loaders, MemorySource
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.as_tensor(labels)
+    x = torch.randn(len(y), dim, generator=g)  # more dimensions than images: random labels can be memorised
+    x[:, :16] += signal * torch.nn.functional.one_hot(y, 2).float().repeat_interleave(8, 1)
+    views = torch.cat([x, x + 0.01 * torch.randn(x.shape, generator=g)])
+    paths = [f"train/{i}.jpg" for i in range(len(y))]
+    train = Loader(MemorySource(views), torch.cat([y, y]), paths + paths, 16, None, None, train=True, seed=seed)
+    val = Loader(MemorySource(x), y, paths, 512, None, None)
+    return Loaders(train, val, val, ("a", "b"), (0.0,), (1.0,), 32, "features")
+
+
+@pytest.mark.parametrize("labels", ["learnable", "noise"])
+def test_out_of_fold_answers_come_from_heads_that_never_saw_the_image(labels):
+    import torch
+
+    from cnnlab.core.config import TrainConfig
+    from cnnlab.train.out_of_fold import out_of_fold_logits
+
+    rng = np.random.default_rng(0)
+    # noise: labels no head can learn, only memorise; a head that saw an image (or its mirror) gets it right
+    y = rng.integers(0, 2, 100) if labels == "noise" else np.arange(100) % 2
+    loaders = _feature_loaders(y, signal=0.0 if labels == "noise" else 1.0)
+    cfg = TrainConfig(epochs=40, lr=0.02, batch_size=16, precision="fp32")
+    logits, targets = out_of_fold_logits(torch.nn.Linear(256, 2), loaders, cfg, device=torch.device("cpu"),
+                                         precision="fp32")
+    assert len(targets) == 100 and np.array_equal(np.bincount(targets), np.bincount(y))  # each image once
+    accuracy = (logits.argmax(1) == targets).mean()
+    if labels == "noise":
+        assert accuracy < 0.7, "an out-of-fold head answered for images it was trained on"
+    else:  # the logits are the targets' own images: a learnable label is learnt out of fold
+        assert accuracy > 0.8
+
+
+def test_a_validation_split_without_mistakes_is_fitted_with_out_of_fold_answers(tmp_path):
+    import torch
+
+    from cnnlab.evaluate.evaluation import calibrated_test
+
+    y = np.arange(40) % 2
+    loaders = _feature_loaders(y)
+    head = torch.nn.Linear(256, 2)
+    with torch.no_grad():  # a head that gets every validation image right
+        head.weight.zero_(), head.bias.zero_()
+        head.weight[0, :8] = head.weight[1, 8:16] = 1.0
+    assert (head(loaders.val.source.x).argmax(1).numpy() == y).all()
+    over, over_targets = _sampled(3.0, 400, k=2)  # an overconfident model's answers: the right T is 3
+    preds, record = calibrated_test(head, loaders.val, loaders.test, ("a", "b"), torch.device("cpu"), tmp_path,
+                                    out_of_fold=lambda: (over, over_targets))
+    assert record["temperature"] == pytest.approx(3.0, rel=0.25)
+    assert record["fitted_on"] == "440 images: 40 validation and 400 training, predicted out of fold (NLL)"
+    _, alone = calibrated_test(head, loaders.val, loaders.test, ("a", "b"), torch.device("cpu"), tmp_path)
+    assert alone["temperature"] == 1.0 and alone["fitted_on"].startswith("not fitted: 40 validation images")

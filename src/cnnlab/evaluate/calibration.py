@@ -17,9 +17,16 @@ LOG_T_RANGE = (-4.0, 4.0)  # T from 0.018 to 55: far wider than any model needs,
 MIN_EACH = 5  # right and wrong validation answers needed to fit T
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> tuple[float, str]:
-    """The T > 0 that minimises the mean NLL of softmax(logits / T) on these (validation) images, and
-    what it was fitted on; a bounded scalar search over log T (one parameter needs no gradients).
+def enough_answers(logits: np.ndarray, targets: np.ndarray) -> bool:
+    """Whether these images hold MIN_EACH right and MIN_EACH wrong answers: what a fit needs."""
+    right = int((logits.argmax(1) == targets).sum()) if len(targets) else 0
+    return min(right, len(targets) - right) >= MIN_EACH
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, images: str = "validation images") -> tuple[float, str]:
+    """The T > 0 that minimises the mean NLL of softmax(logits / T) on these held-out images, and
+    what it was fitted on (`images` names them); a bounded scalar search over log T (one parameter
+    needs no gradients).
 
     T = 1 when the images hold fewer than MIN_EACH right or wrong answers: with no mistakes to learn
     from, the NLL only falls as T shrinks, and the "fit" would make every answer certain (seen on
@@ -27,18 +34,17 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> tuple[float, str
     """
     from scipy.optimize import minimize_scalar
 
-    right = int((logits.argmax(1) == targets).sum()) if len(targets) else 0
-    wrong = len(targets) - right
-    if min(right, wrong) < MIN_EACH:
-        return 1.0, (f"not fitted: {len(targets)} validation images with {wrong} wrong and {right} right answers "
-                     f"(fitting needs at least {MIN_EACH} of each), so T = 1")
+    if not enough_answers(logits, targets):
+        right = int((logits.argmax(1) == targets).sum()) if len(targets) else 0
+        return 1.0, (f"not fitted: {len(targets)} {images} with {len(targets) - right} wrong and {right} right "
+                     f"answers (fitting needs at least {MIN_EACH} of each), so T = 1")
     z = torch.as_tensor(logits, dtype=torch.float64)
     y = torch.as_tensor(targets, dtype=torch.long)
     found = minimize_scalar(lambda log_t: float(torch.nn.functional.cross_entropy(z / np.exp(log_t), y)),
                             bounds=LOG_T_RANGE, method="bounded", options={"xatol": 1e-5})
     if min(abs(found.x - bound) for bound in LOG_T_RANGE) < 1e-3:  # no minimum inside: the NLL says nothing
-        return 1.0, f"not fitted: the NLL on {len(targets)} validation images has no minimum in range, so T = 1"
-    return float(np.exp(found.x)), f"{len(targets)} validation images (NLL)"
+        return 1.0, f"not fitted: the NLL on {len(targets)} {images} has no minimum in range, so T = 1"
+    return float(np.exp(found.x)), f"{len(targets)} {images} (NLL)"
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

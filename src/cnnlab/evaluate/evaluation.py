@@ -22,7 +22,7 @@ from cnnlab.data.loaders import FileSource, Loader
 from cnnlab.data.sources import resolve_data, scan_folder
 from cnnlab.data.splits import Row, Split, load_split
 from cnnlab.evaluate.galleries import write_galleries
-from cnnlab.evaluate.calibration import calibration_record, fit_temperature, softmax
+from cnnlab.evaluate.calibration import calibration_record, enough_answers, fit_temperature, softmax
 from cnnlab.evaluate.metrics import compute_metrics, reliability
 from cnnlab.evaluate.plots import plot_confusion_pair, plot_reliability
 from cnnlab.evaluate.predict import Predictions, predict_loader
@@ -36,14 +36,23 @@ def write_predictions(preds: Predictions, path: Path) -> Path:
     return write_csv(path, header, rows)
 
 
-def calibrated_test(model, val_loader, test_loader, classes, device, out_dir: Path) -> tuple[Predictions, dict]:
+def calibrated_test(model, val_loader, test_loader, classes, device, out_dir: Path,
+                    out_of_fold=None) -> tuple[Predictions, dict]:
     """Fit the temperature on the validation split, then predict the test split with it.
 
+    out_of_fold: where the validation split holds too few mistakes to fit on, a callable that returns
+        (logits, targets) of the training images predicted out of fold, fitted on together with it.
     Returns the test predictions (calibrated probabilities) and summary.json's calibration record;
     writes reliability.png (the test split before and after) into `out_dir`.
     """
     val = predict_loader(model, val_loader, classes, device)
-    temperature, fitted_on = fit_temperature(val.logits, val.targets)
+    logits, targets, images = val.logits, val.targets, "validation images"
+    if out_of_fold is not None and not enough_answers(logits, targets):
+        more_logits, more_targets = out_of_fold()
+        if len(more_targets):
+            logits, targets = np.concatenate([logits, more_logits]), np.concatenate([targets, more_targets])
+            images = f"images: {len(val.targets)} validation and {len(more_targets)} training, predicted out of fold"
+    temperature, fitted_on = fit_temperature(logits, targets, images)
     temperature = round(temperature, 6)  # as model.json stores it
     test = predict_loader(model, test_loader, classes, device, temperature)
     before = softmax(test.logits)

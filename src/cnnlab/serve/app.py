@@ -1,8 +1,10 @@
 """`cnnlab serve`: the upload-and-classify page and a REST API over one bundle (FastAPI + uvicorn).
 
 The model is loaded and warmed once per worker at start-up; `/readyz` says so. Every upload goes
-through the training decoder in a worker thread, so a slow or hostile image never blocks the
-event loop, and every way an upload can be wrong is a 4xx with a message: 413 over the body limit
+through the training decoder: a small upload for a fast model on the event loop, then into one
+model call with the requests read beside it (serve/batching.py); any other in a worker thread, so
+a slow or hostile image never blocks the event loop. Every way an upload can be wrong is a 4xx
+with a message: 413 over the body limit
 (counted as the bytes arrive, so a chunked body cannot slip past it) or for a decompression bomb,
 415 for bytes that are not an image, 422 for a damaged one. `/openapi.json` documents every answer
 (the models in serve/schemas.py) and every status; the request bodies, read by hand for speed, are
@@ -29,6 +31,7 @@ from cnnlab.data.decode import DecodeError, ImageTooLarge, NotAnImage
 from cnnlab.evaluate.explain import DEFAULT_METHOD, METHODS, check_method, overlay, png_bytes
 from cnnlab.evaluate.predict import Predictor
 from cnnlab.models.checkpoint import bundle_folder
+from cnnlab.serve.batching import Batcher
 from cnnlab.serve.middleware import BodyLimit, Metrics
 from cnnlab.serve.schemas import Alive, BatchAnswer, ErrorBody, Loading, ModelInfo, Prediction, Ready
 
@@ -125,7 +128,7 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     threads = threads or int(env.get("CNNLAB_SERVE_THREADS", "1"))
     max_body = max_body or int(env.get("CNNLAB_SERVE_MAX_BODY", str(MAX_BODY)))
     api_key = api_key if api_key is not None else env.get("CNNLAB_SERVE_API_KEY", "")
-    state: dict = {"predictor": None, "explaining": None}
+    state: dict = {"predictor": None, "explaining": None, "batcher": None}
     registry = CollectorRegistry()
     requests = Counter("cnnlab_requests", "HTTP requests by path and status", ["path", "status"], registry=registry)
     latency = Histogram("cnnlab_request_seconds", "request latency", ["path"], registry=registry,
@@ -134,7 +137,8 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     async def lifespan(app):
         state["explaining"] = anyio.Lock()  # one map at a time per worker: each is a forward and backward pass
         state["predictor"] = Predictor.load(bundle_folder(path), engine, threads)
-        state["predictor"].warm()  # the PyTorch model /explain maps on is not loaded here: on the first /explain
+        state["predictor"].warm()
+        state["batcher"] = Batcher(state["predictor"].predict_arrays, MAX_BATCH)  # the PyTorch model /explain maps on is not loaded here: on the first /explain
         yield
 
     app = FastAPI(title="cnnlab", summary="Upload an image, get every class's probability.", lifespan=lifespan)
@@ -173,7 +177,8 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     async def _classify(predictor: Predictor, data: bytes) -> dict:
         try:
             if len(data) <= INLINE_BYTES and predictor.seconds <= INLINE_SECONDS:
-                probs = predictor.predict_bytes(data)  # a small image on a small model: a thread hop costs more
+                # a small image on a small model: a thread hop costs more; requests read together, one call
+                probs = await state["batcher"].classify(predictor.decode(data))
             else:  # decode and model in one worker-thread hop: the event loop never waits on a big image
                 probs = await run_in_threadpool(predictor.predict_bytes, data)
         except DecodeError as e:

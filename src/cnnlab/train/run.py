@@ -12,6 +12,7 @@ The best weights reach `model.safetensors` from one place, `_save_model`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import traceback
 from pathlib import Path
@@ -41,6 +42,7 @@ from cnnlab.train.distributed import DistInfo, barrier, broadcast, cleanup, data
 from cnnlab.train.features import feature_loaders
 from cnnlab.train.loop import HISTORY_COLUMNS, BestWeights, FitResult, fit, steps_text
 from cnnlab.train.lr_find import lr_range_test
+from cnnlab.train.out_of_fold import out_of_fold_logits
 from cnnlab.train.setup import ModelSetup, build_model, class_weights, data_and_split, init_from_data, load_saved
 
 # What a resumed run may change; everything else must match the checkpointed run.
@@ -231,13 +233,13 @@ def _model_meta(model: ModelSetup, split: Split, loaders: Loaders, run_info: dic
 def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
     """Run each phase's fit; a resumed run skips the phases it finished.
 
-    Returns the result over all phases, the phases' records, and the evaluator: (module, loaders
-    with its val and test splits), the full model on images or the head on cached features.
+    Returns the result over all phases, the phases' records, and the evaluator (module, loaders, out-of-fold
+    logits or None): the full model on images, or the head on cached features and its out-of-fold callable.
     """
     model, folder, dist = ctx.model.net, ctx.folder, ctx.dist
     done = load_json(folder.phases) if folder.phases.is_file() else []
     rows = [r for d in done for r in d["history"]]
-    result, evaluator = None, (model, ctx.loaders)
+    result, evaluator = None, (model, ctx.loaders, None)
     for ph in ctx.model.phases:
         if any(d["name"] == ph.name for d in done):
             continue
@@ -262,13 +264,14 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
                                   ctx.folder.config, ctx.log)
         ctx.log(f"phase {ph.name}: lr {train_cfg.lr:g}, {steps_text(train_cfg, len(ld.train))}, "
                 f"{trainable:,} of {total:,} parameters trainable")
-        result = fit(net, ld, train_cfg, folder.dir, device=ctx.device, precision=ctx.precision,
-                     class_weights=class_weights(ctx.split) if ctx.cfg.train.class_weights == "balanced" else None,
+        weights = class_weights(ctx.split) if ctx.cfg.train.class_weights == "balanced" else None
+        result = fit(net, ld, train_cfg, folder.dir, device=ctx.device, precision=ctx.precision, class_weights=weights,
                      log=ctx.log, progress=ctx.progress, resume=ctx.checkpoint if saved_phase == ph.name else None,
                      dist=dist, run_info={**ctx.run_info, "phase": ph.name}, phase=ph.name, earlier=rows,
                      best=_best_weights(ctx, net),
                      **(fit_limits(ctx.budget, ctx.split.sizes(), ctx.started) if ctx.budget else {}))
-        evaluator = (net.module if dist.active else net, ld)
+        evaluator = (net.module if dist.active else net, ld, None if features is None else functools.partial(
+            out_of_fold_logits, net, ld, train_cfg, device=ctx.device, precision=ctx.precision, class_weights=weights))
         if features is not None and result.best_epoch and dist.main:  # the backbone with the best head
             _save_model(ctx)
         seconds = result.train_seconds + (features["seconds"] if features else 0.0)
@@ -277,7 +280,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
                      "params_trainable": trainable, "features": features, "history": result.history})
         if result.best_epoch == 0 and len(done) > 1:  # nothing better than the earlier phase: keep its weights
             load_saved(model, folder)
-            evaluator = (model, ctx.loaders)
+            evaluator = (model, ctx.loaders, None)
         if result.status not in ("completed", "early_stopped"):
             break
         if dist.main:
@@ -285,7 +288,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
         rows = rows + result.history
     if result is None:  # every phase had finished (a resume after the last epoch): the saved model is the result
         load_saved(model, folder)
-        evaluator = (model, ctx.loaders)
+        evaluator = (model, ctx.loaders, None)
     return _combined(done, result.message if result else ""), done, evaluator
 
 
@@ -351,9 +354,9 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
     if result.history:
         save_figure(plot_curves(result.history, title=ctx.model.name), folder.curves)
     if result.best_epoch and result.status != "interrupted":
-        net, ld = evaluator  # the temperature is fitted on the whole validation split, as the test split is predicted
+        net, ld, out_of_fold = evaluator  # the temperature is fitted on the whole validation split
         preds, summary["calibration"] = calibrated_test(net, ld.val_all or ld.val, ld.test, split.classes, ctx.device,
-                                                        folder.dir)
+                                                        folder.dir, out_of_fold)
         summary["test"] = write_evaluation(preds, ctx.root, folder.dir, model, ctx.meta)
         ctx.meta["temperature"] = summary["calibration"]["temperature"]
         save_json(folder.model, ctx.meta)  # model.json beside the weights written last: now with the temperature
