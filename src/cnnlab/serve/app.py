@@ -199,10 +199,13 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
         """The one image of a /predict or /explain request: multipart field `file`, or the raw body."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await _form(request, 1)
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise HTTPException(422, "send the image in the multipart field 'file'")
-            data = await upload.read()
+            try:
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise HTTPException(422, "send the image in the multipart field 'file'")
+                data = await upload.read()
+            finally:  # its spooled file, or it lingers until the collector finds it
+                await form.close()
         else:
             try:
                 data = await request.body()
@@ -288,23 +291,24 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise HTTPException(415, "send a multipart form with the images in fields named 'files'")
         form = await _form(request, MAX_BATCH)
-        uploads = [u for u in form.getlist("files") if not isinstance(u, str)]
-        if not uploads:
+        try:
+            files = [(u.filename, await u.read()) for u in form.getlist("files") if not isinstance(u, str)]
+        finally:
+            await form.close()
+        if not files:
             raise HTTPException(422, "no images: send them in multipart fields named 'files'")
         results, arrays, index = [], [], []
-        for k, upload in enumerate(uploads):
-            data = await upload.read()
+        for k, (filename, data) in enumerate(files):
             try:
                 arrays.append(await run_in_threadpool(predictor.decode, data))
                 index.append(k)
                 results.append(None)
             except DecodeError as e:
-                results.append({"filename": upload.filename, "error": f"not a usable image: {e}",
-                                "status": _status_for(e)})
+                results.append({"filename": filename, "error": f"not a usable image: {e}", "status": _status_for(e)})
         if arrays:
             probs = await run_in_threadpool(predictor.predict_arrays, arrays)
             for k, p in zip(index, probs):
-                results[k] = {"filename": uploads[k].filename, **_answer(predictor, p)}
+                results[k] = {"filename": files[k][0], **_answer(predictor, p)}
         return {"results": results}
 
     @app.get("/metrics", include_in_schema=False)
