@@ -77,7 +77,7 @@ def main() -> None:
     body = ["Test split; ECE over 15 equal-width confidence bins; mean ± standard deviation over the seeds given. "
             "Floor: the ECE a perfectly calibrated model with the same test images and confidences would show.", "",
             "| data and model | seeds | temperature | ECE before | ECE after | floor | NLL before | NLL after | "
-            "accuracy before | accuracy after | test images | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "accuracy before | accuracy after | test images | wall s |", "|---" * 12 + "|"]
     for name, recipe in RECIPES.items():
         seeds = args.cifar_seeds if name.startswith("CIFAR") else args.seeds
         records, walls, floors = [], [], []

@@ -188,3 +188,19 @@ def test_a_validation_split_without_mistakes_is_fitted_with_out_of_fold_answers(
     assert record["fitted_on"] == "440 images: 40 validation and 400 training, predicted out of fold (NLL)"
     _, alone = calibrated_test(head, loaders.val, loaders.test, ("a", "b"), torch.device("cpu"), tmp_path)
     assert alone["temperature"] == 1.0 and alone["fitted_on"].startswith("not fitted: 40 validation images")
+
+
+def test_a_signal_during_the_out_of_fold_heads_gives_no_answers(monkeypatch):
+    """The run is ending: a head stopped after one step would give answers no temperature should be fitted on."""
+    import torch
+
+    from cnnlab.core import signals
+    from cnnlab.core.config import TrainConfig
+    from cnnlab.train.out_of_fold import out_of_fold_logits
+
+    monkeypatch.setitem(signals._state, "received", 15)  # SIGTERM came during the final evaluation
+    with signals.deferred():
+        logits, targets = out_of_fold_logits(torch.nn.Linear(256, 2), _feature_loaders(np.arange(40) % 2),
+                                             TrainConfig(epochs=3, precision="fp32"), device=torch.device("cpu"),
+                                             precision="fp32")
+    assert len(logits) == len(targets) == 0

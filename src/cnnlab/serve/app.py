@@ -137,8 +137,8 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     async def lifespan(app):
         state["explaining"] = anyio.Lock()  # one map at a time per worker: each is a forward and backward pass
         state["predictor"] = Predictor.load(bundle_folder(path), engine, threads)
-        state["predictor"].warm()
-        state["batcher"] = Batcher(state["predictor"].predict_arrays, MAX_BATCH)  # the PyTorch model /explain maps on is not loaded here: on the first /explain
+        state["predictor"].warm()  # the PyTorch model /explain maps on is not loaded here: on the first /explain
+        state["batcher"] = Batcher(state["predictor"].predict_arrays, MAX_BATCH)
         yield
 
     app = FastAPI(title="cnnlab", summary="Upload an image, get every class's probability.", lifespan=lifespan)
