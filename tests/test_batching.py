@@ -69,3 +69,15 @@ def test_an_error_reaches_every_request_of_its_batch_and_a_cancelled_one_is_skip
     results, later = asyncio.run(main())
     assert [type(r).__name__ for r in results] == ["ValueError", "ValueError", "CancelledError"]
     assert model.calls == [2, 1] and later[0] == pytest.approx(0.5)  # the cancelled image was never run
+
+
+def test_a_batch_holds_the_event_loop_for_about_max_seconds_of_the_model():
+    model, sizes = _Model(), []
+
+    async def main():
+        batcher = Batcher(model, max_batch=64, image_seconds=0.004, max_seconds=0.01, observe=sizes.append)
+        return await asyncio.wait_for(asyncio.gather(*(batcher.classify(im) for im in _images(5))), timeout=5)
+
+    answers = asyncio.run(main())
+    assert model.calls == sizes == [2, 2, 1]  # 0.01 s of a 0.004 s model: 2 images a call
+    assert [round(a[0], 4) for a in answers] == [k / 100 for k in range(5)]

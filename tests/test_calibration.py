@@ -188,6 +188,26 @@ def test_a_validation_split_without_mistakes_is_fitted_with_out_of_fold_answers(
     assert record["fitted_on"] == "440 images: 40 validation and 400 training, predicted out of fold (NLL)"
     _, alone = calibrated_test(head, loaders.val, loaders.test, ("a", "b"), torch.device("cpu"), tmp_path)
     assert alone["temperature"] == 1.0 and alone["fitted_on"].startswith("not fitted: 40 validation images")
+    _, stopped = calibrated_test(head, loaders.val, loaders.test, ("a", "b"), torch.device("cpu"), tmp_path,
+                                 out_of_fold=lambda: (np.zeros((0, 0)), np.zeros(0, dtype=int)))
+    assert stopped["temperature"] == 1.0 and stopped["fitted_on"].endswith("out-of-fold heads did not finish "
+                                                                            "(a signal came, or one diverged)")
+
+
+def test_a_validation_split_with_enough_mistakes_needs_no_out_of_fold_answers(tmp_path):
+    import torch
+
+    from cnnlab.evaluate.evaluation import calibrated_test
+
+    y = np.arange(200) % 2
+    loaders = _feature_loaders(y, signal=0.3)  # a head on weak features: right and wrong answers aplenty
+    head = torch.nn.Linear(256, 2)
+    with torch.no_grad():
+        head.weight.zero_(), head.bias.zero_()
+        head.weight[0, :8] = head.weight[1, 8:16] = 1.0
+    _, record = calibrated_test(head, loaders.val, loaders.test, ("a", "b"), torch.device("cpu"), tmp_path,
+                                out_of_fold=lambda: pytest.fail("validation alone could fit the temperature"))
+    assert record["fitted_on"] == "200 validation images (NLL)"
 
 
 def test_a_signal_during_the_out_of_fold_heads_gives_no_answers(monkeypatch):

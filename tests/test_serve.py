@@ -8,12 +8,14 @@ import csv
 import hashlib
 import io
 import json
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -112,15 +114,36 @@ def test_serve_on_a_taken_port_is_one_clear_error(trained):
     assert "http://" not in r.stdout and "serving" not in r.stdout, r.stdout  # no URL that is not served
 
 
+def _batch_metrics(server: str) -> tuple[float, float]:
+    """(model calls, images) of the server's batcher so far, from /metrics."""
+    text = httpx.get(f"{server}/metrics").text
+    return tuple(float(re.search(rf"^cnnlab_batch_images_{k} (\S+)$", text, re.M).group(1)) for k in ("count", "sum"))
+
+
 def test_server_probabilities_equal_evaluation(server, trained, cifar_root):
+    """Each answer is its own image's, as evaluation computed it, also when requests arrive together and
+    share a model call."""
     rows = _test_rows(trained, 24)
     classes = json.loads((trained / "summary.json").read_text())["classes"]
-    for k, row in enumerate(rows):
-        data = (cifar_root / row["path"]).read_bytes()
+
+    def post(k: int) -> httpx.Response:
+        data = (cifar_root / rows[k]["path"]).read_bytes()
         if k % 2:
-            r = httpx.post(f"{server}/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=10)
-        else:
-            r = httpx.post(f"{server}/predict", content=data, timeout=10)
+            return httpx.post(f"{server}/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=10)
+        return httpx.post(f"{server}/predict", content=data, timeout=10)
+
+    calls, images = _batch_metrics(server)
+    together = []
+    for _ in range(5):  # rounds of 24 at once, until one round shared calls (one is almost always enough)
+        with ThreadPoolExecutor(len(rows)) as pool:
+            together = list(pool.map(post, range(len(rows))))
+        now = _batch_metrics(server)
+        if now[1] - images > now[0] - calls:
+            break
+        calls, images = now
+    else:
+        pytest.fail("24 requests sent at once never shared a model call in 5 rounds")
+    for row, r in zip(rows, together):
         assert r.status_code == 200, r.text
         body = r.json()
         assert list(body["probabilities"]) == sorted(classes, key=lambda c: -body["probabilities"][c])

@@ -3,6 +3,7 @@ fine-tuned, offline errors (every report family: tests/test_families.py)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
 import json
@@ -82,6 +83,12 @@ def test_frozen_phase_on_cached_features_is_the_saved_model(hymenoptera_root, tm
     assert s["model"]["params_trainable"] == 1280 * 2 + 2
     (phase,) = s["phases"]
     assert phase["name"] == "frozen" and phase["features"]["engine"] == "onnxruntime"
+    # under 10 validation images cannot hold 5 right and 5 wrong answers: the training images predicted out of
+    # fold join them (whether those then hold enough mistakes to fit on depends on the heads)
+    split = [r["split"] for r in csv.DictReader(open(run / "split.csv"))]
+    assert split.count("val") < 10
+    assert (f"{split.count('val') + split.count('train')} images: {split.count('val')} validation and "
+            f"{split.count('train')} training, predicted out of fold") in s["calibration"]["fitted_on"]
     log = (run / "log.txt").read_text()
     assert "agrees with PyTorch fp32" in log
     # the saved full model predicts what the head on features predicted (ORT vs PyTorch within 1e-4)

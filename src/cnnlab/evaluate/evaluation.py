@@ -46,13 +46,16 @@ def calibrated_test(model, val_loader, test_loader, classes, device, out_dir: Pa
     writes reliability.png (the test split before and after) into `out_dir`.
     """
     val = predict_loader(model, val_loader, classes, device)
-    logits, targets, images = val.logits, val.targets, "validation images"
+    logits, targets, images, why = val.logits, val.targets, "validation images", ""
     if out_of_fold is not None and not enough_answers(logits, targets):
         more_logits, more_targets = out_of_fold()
         if len(more_targets):
             logits, targets = np.concatenate([logits, more_logits]), np.concatenate([targets, more_targets])
             images = f"images: {len(val.targets)} validation and {len(more_targets)} training, predicted out of fold"
+        else:
+            why = "; the training images' out-of-fold heads did not finish (a signal came, or one diverged)"
     temperature, fitted_on = fit_temperature(logits, targets, images)
+    fitted_on += why
     temperature = round(temperature, 6)  # as model.json stores it
     test = predict_loader(model, test_loader, classes, device, temperature)
     before = softmax(test.logits)

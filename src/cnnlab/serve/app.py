@@ -133,12 +133,15 @@ def create_app(path: str | None = None, engine: str | None = None, threads: int 
     requests = Counter("cnnlab_requests", "HTTP requests by path and status", ["path", "status"], registry=registry)
     latency = Histogram("cnnlab_request_seconds", "request latency", ["path"], registry=registry,
                         buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
+    batch_sizes = Histogram("cnnlab_batch_images", "images per model call of requests classified together",
+                            registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64))
 
     async def lifespan(app):
         state["explaining"] = anyio.Lock()  # one map at a time per worker: each is a forward and backward pass
         state["predictor"] = Predictor.load(bundle_folder(path), engine, threads)
         state["predictor"].warm()  # the PyTorch model /explain maps on is not loaded here: on the first /explain
-        state["batcher"] = Batcher(state["predictor"].predict_arrays, MAX_BATCH)
+        state["batcher"] = Batcher(state["predictor"].predict_arrays, MAX_BATCH, state["predictor"].seconds,
+                                   observe=batch_sizes.observe)
         yield
 
     app = FastAPI(title="cnnlab", summary="Upload an image, get every class's probability.", lifespan=lifespan)

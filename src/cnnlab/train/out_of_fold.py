@@ -41,7 +41,10 @@ def out_of_fold_logits(head: torch.nn.Module, loaders: Loaders, cfg: TrainConfig
     row_fold = torch.tensor([fold_of[p] for p in train.paths])
     first_view = _first_rows(train.paths)
     logits, targets = [], []
-    with tempfile.TemporaryDirectory(prefix="cnnlab-oof-") as scratch:  # fit writes a history and checkpoints
+    cfg = dataclasses.replace(cfg, compile=False)  # five small heads: compiling each costs more than it saves
+    # fit writes a history and checkpoints; the heads' seeds must not move the run's random state
+    with tempfile.TemporaryDirectory(prefix="cnnlab-oof-") as scratch, torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []):
         for k in range(folds):
             rows = torch.nonzero(row_fold != k).squeeze(1)
             held = torch.tensor([i for i in first_view if row_fold[i] == k], dtype=torch.long)
@@ -66,8 +69,10 @@ def out_of_fold_logits(head: torch.nn.Module, loaders: Loaders, cfg: TrainConfig
 
 def _first_rows(paths: list[str]) -> list[int]:
     """The first row of each image (its unmirrored view: feature loaders put view 0 first)."""
-    seen: set[str] = set()
-    return [i for i, p in enumerate(paths) if not (p in seen or seen.add(p))]
+    first: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        first.setdefault(p, i)
+    return sorted(first.values())
 
 
 def _fresh(head: torch.nn.Module) -> torch.nn.Module:

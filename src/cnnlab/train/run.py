@@ -354,9 +354,9 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
     if result.history:
         save_figure(plot_curves(result.history, title=ctx.model.name), folder.curves)
     if result.best_epoch and result.status != "interrupted":
-        net, ld, out_of_fold = evaluator  # the temperature is fitted on the whole validation split
+        net, ld, out_of_fold = evaluator  # out of fold over ImageNet features only: a run's (--from) saw these images
         preds, summary["calibration"] = calibrated_test(net, ld.val_all or ld.val, ld.test, split.classes, ctx.device,
-                                                        folder.dir, out_of_fold)
+                                                        folder.dir, None if ctx.cfg.model.init else out_of_fold)
         summary["test"] = write_evaluation(preds, ctx.root, folder.dir, model, ctx.meta)
         ctx.meta["temperature"] = summary["calibration"]["temperature"]
         save_json(folder.model, ctx.meta)  # model.json beside the weights written last: now with the temperature
