@@ -184,19 +184,25 @@ def main() -> None:
                      f"{share:.0%} | {pe:,.0f} img/s | {oe:,.0f} img/s | {oe / pe:.2f}x |")
     if args.batch_sizes:
         name = args.models[0]
-        lines += ["", f"Batch size, {name}, fp32, cnnlab training rate (the recipe's batch is chosen from this):", "",
+        lines += ["", f"Batch size, {name}, cnnlab's rates (the recipe's batch and the evaluation batch, "
+                  "train.eval_batch_size, are chosen from this):", "",
                   "| batch | " + " | ".join(map(str, args.batch_sizes)) + " |",
                   "|---|" + "---|" * len(args.batch_sizes)]
-        cells = []
+        cells: dict[str, list[str]] = {}
         for bs in args.batch_sizes:
             ld = make_loaders(root, split, 32, bs, bs, augment=("crop", "flip"), log=lambda m: None)
             torch.manual_seed(0)
             m = create_model(name, 10).to(memory_format=torch.channels_last)
             opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], 0.1, momentum=0.9, nesterov=True)
-            rate = timed(forever(ld.train), train_step(m, opt, "fp32"), max(6, args.steps * 256 // bs), args.seconds)
-            cells.append(f"{rate:,.0f} img/s")
-            print(bs, cells[-1], flush=True)
-        lines.append("| training | " + " | ".join(cells) + " |")
+            steps = max(6, args.steps * 256 // bs)
+            cells.setdefault("training, fp32", []).append(timed(forever(ld.train), train_step(m, opt, "fp32"), steps,
+                                                                args.seconds))
+            for precision in args.precisions:  # evaluation as the final test pass (fp32) and validation run it
+                cells.setdefault(f"evaluation, {precision}", []).append(
+                    timed(forever(ld.test), eval_step(m, precision), steps, args.seconds))
+            print(bs, {k: round(v[-1]) for k, v in cells.items()}, flush=True)
+        lines += [f"| {what} | " + " | ".join(f"{rate:,.0f} img/s" for rate in rates) + " |"
+                  for what, rates in cells.items()]
     if args.epoch:
         lines += ["", "| network | one whole cnnlab epoch, fp32 (45,000 training + 5,000 validation images, "
                   "checkpoint) |", "|---|---|"]

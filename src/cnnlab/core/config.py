@@ -77,7 +77,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16) | fp32 | bf16 | fp16 (GPU)
     threads: int = 0  # intra-op threads; 0 = all cores
     compile: bool = False  # torch.compile the training and validation passes (pays on GPUs; slower on small CPUs)
-    eval_batch_size: int = 512
+    eval_batch_size: int = 128  # evaluation ran 20-60% faster at 128 than at 512 on 2 cores (cache-sized activations)
     checkpoint_steps: int = 0  # also checkpoint every this many steps inside an epoch; 0 = at epoch ends only
     # e.g. 5m, 90s, 1h30m: the whole run, evaluation included, planned to end within it: cnnlab measures its
     # training rate here and picks the epochs (and, when no model is named, the fastnet width; train/budget.py)

@@ -176,9 +176,11 @@ def probe(name: str, cfg: Config, num_classes: int, size: int, device: torch.dev
     model.train()
     step_seconds = _timed(step, device)
     model.eval()
+    x = torch.randn(cfg.train.eval_batch_size, 3, size, size, device=device)  # as evaluation batches them
+    x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         eval_seconds = _timed(lambda: model(x), device)
-    return Rate(name, step_seconds, batch / eval_seconds)
+    return Rate(name, step_seconds, len(x) / eval_seconds)
 
 
 def _timed(fn, device: torch.device) -> float:
