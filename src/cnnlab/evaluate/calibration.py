@@ -19,8 +19,12 @@ MIN_EACH = 5  # right and wrong validation answers needed to fit T
 
 def enough_answers(logits: np.ndarray, targets: np.ndarray) -> bool:
     """Whether these images hold MIN_EACH right and MIN_EACH wrong answers: what a fit needs."""
+    return min(_right_wrong(logits, targets)) >= MIN_EACH
+
+
+def _right_wrong(logits: np.ndarray, targets: np.ndarray) -> tuple[int, int]:
     right = int((logits.argmax(1) == targets).sum()) if len(targets) else 0
-    return min(right, len(targets) - right) >= MIN_EACH
+    return right, len(targets) - right
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray, images: str = "validation images") -> tuple[float, str]:
@@ -34,10 +38,10 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, images: str = "vali
     """
     from scipy.optimize import minimize_scalar
 
-    if not enough_answers(logits, targets):
-        right = int((logits.argmax(1) == targets).sum()) if len(targets) else 0
-        return 1.0, (f"not fitted: {len(targets)} {images} with {len(targets) - right} wrong and {right} right "
-                     f"answers (fitting needs at least {MIN_EACH} of each), so T = 1")
+    right, wrong = _right_wrong(logits, targets)
+    if min(right, wrong) < MIN_EACH:
+        return 1.0, (f"not fitted: {len(targets)} {images} with {wrong} wrong and {right} right answers "
+                     f"(fitting needs at least {MIN_EACH} of each), so T = 1")
     z = torch.as_tensor(logits, dtype=torch.float64)
     y = torch.as_tensor(targets, dtype=torch.long)
     found = minimize_scalar(lambda log_t: float(torch.nn.functional.cross_entropy(z / np.exp(log_t), y)),

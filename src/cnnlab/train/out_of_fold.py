@@ -24,13 +24,14 @@ from cnnlab.data.loaders import Loader, Loaders, MemorySource
 from cnnlab.train.loop import fit
 
 FOLDS = 5
+NO_ANSWERS = (np.zeros((0, 0)), np.zeros(0, dtype=np.int64))
 
 
 def out_of_fold_logits(head: torch.nn.Module, loaders: Loaders, cfg: TrainConfig, *, device: torch.device,
                        precision: str, class_weights: torch.Tensor | None = None,
                        folds: int = FOLDS) -> tuple[np.ndarray, np.ndarray]:
     """(logits, targets) of every training image, each predicted by a head that never saw it; none when a
-    fold did not finish (a signal came: the run is ending).
+    fold did not finish (a signal came, so the run is ending, or the fold diverged).
 
     `loaders` are feature loaders: train holds one row per image and view, with the view's image path.
     """
@@ -56,14 +57,14 @@ def out_of_fold_logits(head: torch.nn.Module, loaders: Loaders, cfg: TrainConfig
                          Path(scratch), device=device, precision=precision, class_weights=class_weights,
                          log=lambda *_: None, progress=False)
             if result.status not in ("completed", "early_stopped"):  # a signal came, or the fold diverged
-                return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+                return NO_ANSWERS
             fold_head.eval()
             with torch.no_grad():
                 for x, y, _ in _subset(train, held, train=False):
                     logits.append(fold_head(x.to(device)).float().cpu())
                     targets.append(y)
     if not logits:
-        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+        return NO_ANSWERS
     return torch.cat(logits).double().numpy(), torch.cat(targets).numpy()
 
 
