@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def matmul_rates(n: int = 2048, repeats: int = 20, dtypes: tuple[str, ...] = ("f
 
 def update_section(name: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])  # quoted: pastes as it ran
     block = (f"{start}\n## {name}\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{body.strip()}\n{end}")
     text = RESULTS.read_text() if RESULTS.exists() else HEADER

@@ -29,6 +29,7 @@ def test_defaults_and_overrides(tmp_path):
     (["train.optimizer=adagrad"], "choose one of adam, adamw, sgd"),
     (["train.lr=-1"], "train.lr must be above 0"),
     (["data.augment=[rotate]"], "choose from crop"),
+    (["data.augment=[flip, flip_alternate]"], "both flip and flip_alternate"),
     (["nosection"], "section.key=value"),
     (["train..lr=1"], "'train..lr' is not a key"),
     (["=1"], "is not a key"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,8 +22,9 @@ from cnnlab.cli import main
 from cnnlab.core.errors import UserError
 from cnnlab.data.archives import extract_archive
 from cnnlab.data.audit import audit, format_report
+from cnnlab.data import hashes
 from cnnlab.data.augment import random_crop, random_flip
-from cnnlab.data.loaders import cached_arrays, make_loaders
+from cnnlab.data.loaders import Loader, MemorySource, cached_arrays, make_loaders
 from cnnlab.data.sources import resolve_data, scan_folder
 from cnnlab.data.splits import load_split, make_split, save_split
 
@@ -239,6 +241,42 @@ def test_val_only_layout_uses_val_as_test(hymenoptera_root):
     assert all(r.path.startswith("val/") for r in s.of("test"))
 
 
+def test_file_hashes_are_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    """A settled file is not read again; an edit is seen even with its size and modification time put back."""
+    root = tmp_path / "data"
+    for name, data in {"a.jpg": b"first", "b.jpg": b"other"}.items():
+        write(root / name, data)
+    reads = []
+    monkeypatch.setattr(hashes, "sha256_file", lambda p: reads.append(Path(p).name) or
+                        hashlib.sha256(Path(p).read_bytes()).hexdigest())
+    monkeypatch.setattr(hashes, "RACY_SECONDS", 0.0)
+    truth = {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in ("a.jpg", "b.jpg")}
+    assert hashes.file_hashes(root, ["a.jpg", "b.jpg"]) == truth and sorted(reads) == ["a.jpg", "b.jpg"]
+    reads.clear()
+    assert hashes.file_hashes(root, ["a.jpg", "b.jpg"]) == truth and reads == []
+    before = os.stat(root / "a.jpg")
+    (root / "a.jpg").write_bytes(b"FIRST")  # same size, then the old modification time restored
+    os.utime(root / "a.jpg", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert hashes.file_hashes(root, ["a.jpg", "b.jpg"])["a.jpg"] == hashlib.sha256(b"FIRST").hexdigest()
+    assert reads == ["a.jpg"]
+
+
+def test_file_hashes_forget_racy_files_and_survive_a_broken_cache(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    write(root / "a.jpg", b"just written")
+    reads = []
+    monkeypatch.setattr(hashes, "sha256_file", lambda p: reads.append(p) or
+                        hashlib.sha256(Path(p).read_bytes()).hexdigest())
+    for _ in range(2):  # changed within RACY_SECONDS: a second write in the same tick could look unchanged
+        hashes.file_hashes(root, ["a.jpg"])
+    assert len(reads) == 2
+    monkeypatch.setattr(hashes, "RACY_SECONDS", 0.0)
+    hashes.file_hashes(root, ["a.jpg"])
+    assert hashes.store_for(root).is_file()
+    hashes.store_for(root).write_text('{"a.jpg": [1, 2')  # cut short
+    assert hashes.file_hashes(root, ["a.jpg"]) == {"a.jpg": hashlib.sha256(b"just written").hexdigest()}
+
+
 def test_tensor_cache_is_reused_and_keeps_order(tmp_path):
     for c in ("a", "b"):
         (tmp_path / "d" / c).mkdir(parents=True)
@@ -292,6 +330,29 @@ def test_batched_crop_and_flip_are_exact():
     flipped = [torch.equal(f[k], x[k % 2].flip(2)) for k in range(100)]
     kept = [torch.equal(f[k], x[k % 2]) for k in range(100)]
     assert all(a or b for a, b in zip(flipped, kept)) and 20 < sum(flipped) < 80
+
+
+def test_alternating_flips_show_each_image_both_ways_every_two_epochs():
+    """flip_alternate: a seeded half mirrored in even epochs, the other half in odd ones, whatever the order."""
+    n = 200
+    x = torch.zeros(n, 3, 2, 2, dtype=torch.uint8)
+    x[:, :, :, 1] = 1  # the right column marks the unmirrored view
+    loader = Loader(MemorySource(x), torch.zeros(n, dtype=torch.long), [str(i) for i in range(n)], 64, (0, 0, 0),
+                    (1 / 255,) * 3, train=True, augment=("flip_alternate",), seed=3)
+
+    def mirrored(epoch):
+        loader.set_epoch(epoch)
+        seen = torch.zeros(n, dtype=torch.bool)
+        for xb, _, idx in loader:
+            seen[idx] = xb[:, 0, 0, 1] == 0
+        return seen
+
+    views = [mirrored(e) for e in range(4)]
+    assert 60 < int(views[0].sum()) < 140
+    for e in range(3):
+        assert torch.equal(views[e + 1], ~views[e])
+    loader.seed = 4
+    assert not torch.equal(mirrored(0), views[0])
 
 
 def test_normalisation_statistics_match_the_direct_formula():

@@ -117,6 +117,13 @@ def test_finetune_from_a_frozen_run(hymenoptera_root, tmp_path, capsys):
     assert b["data"]["split_sha256"] == a["data"]["split_sha256"]
     assert [p["name"] for p in b["phases"]] == ["finetune"] and b["phases"][0]["lr"] == 1e-4
     assert b["model"]["weights_sha256"] == a["model"]["weights_sha256"] == sha256_file(weights)
+    # a handful of validation images: the frozen run's temperature also saw its training images out of fold; a
+    # head over a run's backbone must not, since that backbone may have trained on those very images
+    assert "predicted out of fold" in a["calibration"]["fitted_on"]
+    again = _train(capsys, *common, "--model", "resnet18", "--from", str(frozen), "--freeze",
+                   "--set", "train.feature_engine=torch")
+    fitted_on = json.loads((again / "summary.json").read_text())["calibration"]["fitted_on"]
+    assert "validation" in fitted_on and "out of fold" not in fitted_on, fitted_on
 
 
 def test_onnx_engine_agrees_with_pytorch():

@@ -33,7 +33,8 @@ class DataConfig:
     split_seed: int = 0
     loader: str = "auto"  # auto | memory | stream
     memory_cap_mb: int = 4096  # decoded uint8 data above this streams from disk instead
-    augment: tuple[str, ...] = ("crop", "flip")  # crop, flip, cutout, jitter (batched tensor ops)
+    # crop, flip (random), flip_alternate (each image mirrored every other epoch), cutout, jitter (batched tensor ops)
+    augment: tuple[str, ...] = ("crop", "flip")
     crop_padding: int = 4  # pixels of reflect padding for the random crop
     limit_per_class: int = 0  # keep at most this many images per class and split; 0 = all
     workers: int = 2  # decoding processes for the cache build and the streaming loader
@@ -112,7 +113,7 @@ CHOICES = {
     "model.head": ("linear", "mlp"),
     "model.bn": ("frozen", "train"),
 }
-AUGMENTATIONS = ("crop", "flip", "cutout", "jitter")
+AUGMENTATIONS = ("crop", "flip", "flip_alternate", "cutout", "jitter")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -210,6 +211,9 @@ def validate(cfg: Config) -> Config:
     for aug in cfg.data.augment:
         if aug not in AUGMENTATIONS:
             raise UserError(f"config: data.augment has {aug!r}; choose from {', '.join(AUGMENTATIONS)}")
+    if {"flip", "flip_alternate"} <= set(cfg.data.augment):
+        raise UserError("config: data.augment has both flip and flip_alternate, which would undo each other's "
+                        "mirror; keep one")
     t, d = cfg.train, cfg.data
     checks = [
         (t.lr == "auto" or (isinstance(t.lr, float) and t.lr > 0), f"train.lr must be above 0, or auto, got {t.lr!r}"),

@@ -42,8 +42,21 @@ def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
 
 
 def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return mirror(x, torch.rand(x.shape[0], generator=g) < 0.5)
+
+
+def mirror(x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """Mirror the samples where `which` (bool, one per sample) is true."""
+    return torch.where(which.to(x.device)[:, None, None, None], x.flip(3), x)
+
+
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which of `n` images are mirrored in `epoch`: a seeded half in even epochs, the other half in odd ones.
+    Each image shows both its views in any two epochs running, where random flips show half of the images
+    the same view twice (the alternating flip of Keller Jordan's airbench)."""
+    g = torch.Generator().manual_seed((1 << 62) + seed)  # a stream apart from the loader's (seed, epoch) ones
+    first = torch.randint(0, 2, (n,), generator=g, dtype=torch.bool)
+    return first ^ bool(epoch % 2)
 
 
 def cutout(x: torch.Tensor, g: torch.Generator, frac: float = 0.25) -> torch.Tensor:
@@ -68,12 +81,16 @@ def jitter(x: torch.Tensor, g: torch.Generator, strength: float = 0.2) -> torch.
     return (x - mean) * contrast[:, None, None, None] + mean + bright[:, None, None, None]
 
 
-def augment_batch(x: torch.Tensor, ops: tuple[str, ...], pad: int, g: torch.Generator) -> torch.Tensor:
-    """Apply the configured ops, in a fixed order, to a normalised float batch."""
+def augment_batch(x: torch.Tensor, ops: tuple[str, ...], pad: int, g: torch.Generator,
+                  mirrored: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply the configured ops, in a fixed order, to a normalised float batch.
+    `mirrored`: for "flip_alternate", which samples this epoch mirrors (`alternating_flips`)."""
     if "crop" in ops:
         x = random_crop(x, pad, g)
     if "flip" in ops:
         x = random_flip(x, g)
+    if "flip_alternate" in ops:
+        x = mirror(x, mirrored)
     if "jitter" in ops:
         x = jitter(x, g)
     if "cutout" in ops:

@@ -25,7 +25,7 @@ import torch
 from cnnlab.core.env import cache_dir
 from cnnlab.core.errors import UserError
 from cnnlab.core.workers import process_map
-from cnnlab.data.augment import augment_batch, to_model_input
+from cnnlab.data.augment import alternating_flips, augment_batch, to_model_input
 from cnnlab.data.decode import DecodeError, load_array
 from cnnlab.data.splits import Row, Split, require_val_and_test
 
@@ -141,13 +141,14 @@ class Loader:
             g.set_state(state)
         self.generator = g
         batches = [order[i:i + self.batch_size] for i in range(start * self.batch_size, len(order), self.batch_size)]
+        mirrored = alternating_flips(len(self.y), self.seed, self.epoch) if "flip_alternate" in self.augment else None
         for x8, idx in self.source.batches(batches):
             if len(idx) == 0:
                 continue
             # mean None: the source already holds model input (cached backbone features)
             xb = to_model_input(x8, self.mean, self.std) if self.mean is not None else x8
             if self.train and self.augment:
-                xb = augment_batch(xb, self.augment, self.pad, g)
+                xb = augment_batch(xb, self.augment, self.pad, g, None if mirrored is None else mirrored[idx])
             yield xb, self.y[idx], idx
 
 

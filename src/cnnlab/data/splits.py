@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnlab.core.errors import UserError
-from cnnlab.core.runs import read_csv, sha256_file, write_csv
+from cnnlab.core.runs import read_csv, write_csv
+from cnnlab.data.hashes import file_hashes
 from cnnlab.data.sources import Scan
 
 SPLITS = ("train", "val", "test")
@@ -86,7 +87,7 @@ def make_split(scan: Scan, *, val_fraction: float = 0.1, test_fraction: float = 
     rng = random.Random(seed)
     if limit_per_class:
         scan = dataclasses.replace(scan, items=tuple(_limit(list(scan.items), limit_per_class, rng)))
-    hashes = {i.path: sha256_file(scan.root / i.path) for i in scan.items}
+    hashes = file_hashes(scan.root, [i.path for i in scan.items])
     first_label: dict[str, str] = {}
     for i in scan.items:
         first_label.setdefault(hashes[i.path], i.label)

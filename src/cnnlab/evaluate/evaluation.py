@@ -17,7 +17,8 @@ import torch
 
 from cnnlab.core.figures import save_figure
 from cnnlab.core.errors import UserError
-from cnnlab.core.runs import RunFolder, load_run, new_run_dir, read_csv, save_json, sha256_file, write_csv
+from cnnlab.core.runs import RunFolder, load_run, new_run_dir, read_csv, save_json, write_csv
+from cnnlab.data.hashes import file_hashes
 from cnnlab.data.loaders import FileSource, Loader
 from cnnlab.data.sources import resolve_data, scan_folder
 from cnnlab.data.splits import Row, Split, load_split
@@ -131,7 +132,7 @@ def _other_images(folder: RunFolder, root: Path, classes: tuple, include_seen: b
     items = [i for i in scan.items if i.split == "test"] or list(scan.items)
     seen_hashes = {r["sha256"] for r in read_csv(folder.split) if r["split"] in ("train", "val")} \
         if folder.split.is_file() else set()
-    hashes = {i.path: sha256_file(root / i.path) for i in items}
+    hashes = file_hashes(root, [i.path for i in items])
     seen = [i for i in items if hashes[i.path] in seen_hashes]
     if seen:
         log(f"warning: {len(seen)} of {len(items)} images in {root} are ones the run trained or validated on "
