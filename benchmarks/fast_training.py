@@ -20,6 +20,7 @@ table (section `fast_training_versus`) gives both and the difference of the mean
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -65,7 +66,9 @@ def main() -> None:
     ap.add_argument("--versus", action="append", default=[], help="a --set to compare with the recipe, run by run")
     args = ap.parse_args()
     os.environ.setdefault("CNNLAB_CACHE", str(Path(tempfile.gettempdir()) / "cnnlab-bench-cache"))
-    saved = Path(args.out) / ("versus.json" if args.versus else "results.json")
+    change = " ".join(args.versus)
+    saved = Path(args.out) / (f"versus-{hashlib.sha256(change.encode()).hexdigest()[:12]}.json" if args.versus
+                              else "results.json")
     results = json.loads(saved.read_text()) if args.keep and saved.exists() else []
     if any(r.get("set", []) != args.set or r.get("versus", []) != args.versus for r in results):
         raise SystemExit(f"{saved} holds runs made with other --set or --versus options; rerun without --keep")
@@ -83,7 +86,7 @@ def main() -> None:
                     results.append(r)
                     saved.write_text(json.dumps(results, indent=1))  # after each run: a stopped benchmark keeps them
     if args.versus:
-        update_section("fast_training_versus", versus_table(results, args.versus))
+        update_section(f"fast_training versus {change}", versus_table(results, args.versus))
         return
 
     lines = ["| network | epochs | test accuracy, mean ± std (min-max) | training time, mean | whole command, mean "
