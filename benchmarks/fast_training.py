@@ -14,7 +14,7 @@ network, budget and seed replaces the old one), so a longer budget costs only it
 
 `--versus SETTING` (repeatable) measures a change to the recipe: each (network, budget, seed) runs
 as the recipe has it and then with the setting, back to back, so both meet the same machine; the
-table (section `fast_training_versus`) gives both and the difference of the means.
+table (a section of its own, named after the change) gives both and the difference of the means.
 """
 
 from __future__ import annotations
