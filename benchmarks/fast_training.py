@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -147,7 +148,8 @@ def versus_table(results: list[dict], versus: list[str]) -> str:
         lines.append(f"| {model} | {epochs} | {len(pairs)} | {a:.2f} ± {spread('recipe'):.2f}% | "
                      f"{b:.2f} ± {spread('versus'):.2f}% | {b - a:+.2f} | {mean('recipe', 'train_seconds'):.0f} / "
                      f"{mean('versus', 'train_seconds'):.0f} | {outside('recipe'):.1f} / {outside('versus'):.1f} |")
-    return "\n".join(lines + ["", f"The change: `--set {' --set '.join(versus)}`, run after the recipe for each "
+    change = shlex.join(a for v in versus for a in ("--set", v))
+    return "\n".join(lines + ["", f"The change: `{change}`, run after the recipe for each "
                                   "seed. 49,000 training images, 1,000 validation, the 10,000 test images; "
                                   "outside training = the whole command's wall time less the loop's."])
 

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import tarfile
+import time
 import zipfile
 
 from pathlib import Path
@@ -255,6 +256,7 @@ def test_file_hashes_are_remembered_until_a_file_changes(tmp_path, monkeypatch):
     reads.clear()
     assert hashes.file_hashes(root, ["a.jpg", "b.jpg"]) == truth and reads == []
     before = os.stat(root / "a.jpg")
+    time.sleep(0.05)  # past the kernel's coarse clock tick, or the edit could share the first write's ctime
     (root / "a.jpg").write_bytes(b"FIRST")  # same size, then the old modification time restored
     os.utime(root / "a.jpg", ns=(before.st_atime_ns, before.st_mtime_ns))
     assert hashes.file_hashes(root, ["a.jpg", "b.jpg"])["a.jpg"] == hashlib.sha256(b"FIRST").hexdigest()
