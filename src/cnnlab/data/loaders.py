@@ -141,7 +141,8 @@ class Loader:
             g.set_state(state)
         self.generator = g
         batches = [order[i:i + self.batch_size] for i in range(start * self.batch_size, len(order), self.batch_size)]
-        mirrored = alternating_flips(len(self.y), self.seed, self.epoch) if "flip_alternate" in self.augment else None
+        train_flips = self.train and "flip_alternate" in self.augment  # evaluation loaders carry `augment` too
+        mirrored = alternating_flips(len(self.y), self.seed, self.epoch) if train_flips else None
         for x8, idx in self.source.batches(batches):
             if len(idx) == 0:
                 continue
