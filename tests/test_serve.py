@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -126,17 +127,21 @@ def test_server_probabilities_equal_evaluation(server, trained, cifar_root):
     rows = _test_rows(trained, 24)
     classes = json.loads((trained / "summary.json").read_text())["classes"]
 
-    def post(k: int) -> httpx.Response:
+    def post(k: int, start: threading.Barrier) -> httpx.Response:
         data = (cifar_root / rows[k]["path"]).read_bytes()
-        if k % 2:
-            return httpx.post(f"{server}/predict", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=10)
-        return httpx.post(f"{server}/predict", content=data, timeout=10)
+        with httpx.Client(base_url=server, timeout=10) as client:
+            client.get("/livez")  # connected before the barrier: the requests, not the handshakes, arrive together
+            start.wait(timeout=10)
+            if k % 2:
+                return client.post("/predict", files={"file": ("x.jpg", data, "image/jpeg")})
+            return client.post("/predict", content=data)
 
     calls, images = _batch_metrics(server)
     together = []
     for _ in range(5):  # rounds of 24 at once, until one round shared calls (one is almost always enough)
+        start = threading.Barrier(len(rows))
         with ThreadPoolExecutor(len(rows)) as pool:
-            together = list(pool.map(post, range(len(rows))))
+            together = list(pool.map(post, range(len(rows)), [start] * len(rows)))
         now = _batch_metrics(server)
         if now[1] - images > now[0] - calls:
             break
