@@ -1,4 +1,4 @@
-"""Learning-rate schedules: the multiplier at chosen steps, by hand."""
+"""Learning-rate schedules: the multiplier at chosen steps, by hand; Lookahead's weights, by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cnnlab.core.config import TrainConfig
-from cnnlab.train.optim import build_optimizer, build_scheduler, lr_factor
+from cnnlab.train.optim import Lookahead, build_optimizer, build_scheduler, lr_factor
 
 
 @pytest.mark.parametrize("schedule,step,expected", [
@@ -67,3 +67,25 @@ def test_a_time_budget_replan_keeps_the_warmup_and_moves_the_end(new_epochs):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2 / (new_epochs * 88 - 198), abs=1e-9)  # one step from 0
+
+
+def test_lookahead_moves_the_weights_every_fifth_step_and_at_the_last():
+    """A weight that plain SGD moves by +1 a step, over 12 steps, with Lookahead at 0.8: the slow copy is taken
+    at step 5 (nothing to average yet), then keeps 0.8 * (10/12)^3 of itself at step 10 and 0.8 at step 12."""
+    w = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    lookahead = Lookahead(optimizer, 0.8, total=12)
+    seen = []
+    for done in range(1, 13):
+        w.grad = torch.full((1,), -1.0)
+        optimizer.step()
+        lookahead.step(done)
+        seen.append(round(w.item(), 6))
+    keep10 = 0.8 * (10 / 12) ** 3
+    at10 = 5 + 5 * (1 - keep10)  # slow at 5, fast at 10
+    at12 = at10 + 2 * (1 - 0.8)  # slow at `at10`, fast 2 steps on
+    assert seen[:9] == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # untouched between the moves
+    assert seen[9] == pytest.approx(at10) and seen[10] == pytest.approx(at10 + 1)
+    assert seen[11] == pytest.approx(at12)
+    # the slow weights are optimizer state: a checkpoint of the optimizer carries them
+    assert optimizer.state_dict()["state"][0]["lookahead_slow"].item() == pytest.approx(at12)

@@ -22,7 +22,7 @@ from cnnlab.train.checkpoints import load_checkpoint
 
 ARGS = ["--model", "cnn_small", "--image-size", "16", "--epochs", "3", "--batch-size", "16", "--lr", "2e-3", "--seed", "5",
         "--deterministic", "--precision", "fp32", "--no-progress", "--set", "data.limit_per_class=40", "--set", "data.val_fraction=0.3",
-        "--set", "train.checkpoint_steps=4"]
+        "--set", "train.checkpoint_steps=4", "--set", "train.lookahead=0.6"]  # its slow weights must resume too
 
 
 def cnnlab(*args, env=None) -> subprocess.Popen:

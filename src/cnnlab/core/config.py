@@ -70,6 +70,9 @@ class TrainConfig:
     step_epochs: int = 10  # step schedule: decay every this many epochs
     gamma: float = 0.1  # step / exponential decay factor (per step period / per epoch)
     label_smoothing: float = 0.0
+    # 0 = off; else Lookahead (train/optim.py): every 5 steps the weights restart from slow ones that keep up to
+    # this share of themselves (reached at the last step, ramped up from 0 as (step / steps)^3); airbench's 0.77
+    lookahead: float = 0.0
     class_weights: str = "none"  # none | balanced (inverse class frequency)
     patience: int = 0  # early stopping: epochs without improvement; 0 = off
     monitor: str = "val_loss"  # val_loss | val_accuracy: picks the best epoch
@@ -221,6 +224,7 @@ def validate(cfg: Config) -> Config:
         (t.batch_size >= 1, "train.batch_size must be at least 1"),
         (t.eval_batch_size >= 1, "train.eval_batch_size must be at least 1"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (0 <= t.lookahead < 1, "train.lookahead must be in [0, 1) (0 = off)"),
         (t.weight_decay >= 0, "train.weight_decay must not be negative"),
         (t.patience >= 0, "train.patience must not be negative"),
         (t.warmup_epochs >= 0, "train.warmup_epochs must not be negative"),

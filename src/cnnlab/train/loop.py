@@ -30,7 +30,7 @@ from cnnlab.core.config import MAX_BUDGET_EPOCHS, TrainConfig, save_train
 from cnnlab.core.runs import RunFolder, write_csv
 from cnnlab.train.checkpoints import restore_training, save_checkpoint
 from cnnlab.train.distributed import DistInfo, all_sum, all_sum_tensor
-from cnnlab.train.optim import build_optimizer, build_scheduler, epoch_steps, total_steps, warmup_steps
+from cnnlab.train.optim import Lookahead, build_optimizer, build_scheduler, epoch_steps, total_steps, warmup_steps
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "phase"]
 
@@ -61,7 +61,8 @@ def autocast(precision: str, device: torch.device):
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, device, epoch, *, start_step=0,
                     totals=(0.0, 0, 0), progress=True, dist: DistInfo = DistInfo(),
-                    checkpoint_every: int = 0, checkpoint=None, scaler=None, steps: int = 0) -> dict:
+                    checkpoint_every: int = 0, checkpoint=None, scaler=None, steps: int = 0,
+                    lookahead: Lookahead | None = None) -> dict:
     """One pass over `loader` (from wherever it was told to resume).
 
     Args:
@@ -70,6 +71,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         checkpoint_every: call `checkpoint(step, totals)` every this many steps (0 = never).
         scaler: a GradScaler for fp16 (None or disabled otherwise).
         steps: end the epoch after this many steps (0 = the whole loader): a time budget's last epoch.
+        lookahead: moves the weights toward its slow ones after the steps it is due (train.lookahead).
 
     Returns:
         {'status': 'ok' | 'diverged' | 'stopped', 'loss', 'accuracy', 'step', 'totals'}.
@@ -103,6 +105,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if lookahead is not None:
+            lookahead.step(scheduler.last_epoch)
         n = y.numel()
         sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double()])
         seen += n
@@ -238,6 +242,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
     runner = torch.compile(model) if cfg.compile else model  # shares `model`'s parameters
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loaders.train))
+    lookahead = Lookahead(optimizer, cfg.lookahead, total_steps(len(loaders.train), cfg)) if cfg.lookahead else None
     criterion = nn.CrossEntropyLoss(weight=class_weights.to(device) if class_weights is not None else None,
                                     label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -276,7 +281,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                                      start_step=p["step"], totals=tuple(p["totals"]), progress=progress and dist.main, dist=dist,
                                      checkpoint_every=cfg.checkpoint_steps,
                                      checkpoint=lambda s, t, e=epoch: checkpoint(e, s, t), scaler=scaler,
-                                     steps=epoch_steps(epoch, spe, cfg))
+                                     steps=epoch_steps(epoch, spe, cfg), lookahead=lookahead)
             trained = time.perf_counter() - start
             p["train_seconds"] += trained
             if result["status"] == "diverged":
@@ -322,6 +327,8 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                                f"the evaluation (epochs take {spe * step_seconds + other:.1f} s); best epoch {p['best_epoch']}")
                 elif abs(more - left) >= max(1, spe // 10):  # off by a tenth of an epoch: noise must not re-plan
                     cfg, scheduler = _replanned(optimizer, scheduler, cfg, done + more, spe)
+                    if lookahead is not None:
+                        lookahead.total = done + more
                     log(f"time budget: {steps_text(cfg, spe)} fit at {spe * step_seconds + other:.1f} s per epoch (planned "
                         f"{steps_text(planned(cfg, done + left, spe), spe)}); the schedule's decay now ends there")
                     if dist.main:

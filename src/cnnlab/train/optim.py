@@ -20,6 +20,35 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer}")  # config validation already names the choices
 
 
+LOOKAHEAD_EVERY = 5  # optimizer steps between two moves of the slow weights
+
+
+class Lookahead:
+    """Lookahead over an optimizer (Zhang et al. 2019, with airbench's ramp): every 5 steps the slow weights
+    move toward the trained ("fast") ones, keeping a share `rate * (step / total)^3` of where they were, and
+    the fast weights restart from them; so also at the last step, whatever its number. The ramp leaves
+    early training alone and averages out the noise of the last, low-rate steps. The slow weights
+    live in the optimizer's state ("lookahead_slow"), so checkpoints and resumes carry them."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rate: float, total: int):
+        self.optimizer, self.rate, self.total = optimizer, rate, total  # `total`: all steps; a re-plan moves it
+
+    @torch.no_grad()
+    def step(self, done: int) -> None:
+        """After the optimizer's `done`-th step (1-based, counted over the run)."""
+        if done % LOOKAHEAD_EVERY and done < self.total:
+            return
+        keep = self.rate * min(1.0, done / self.total) ** 3
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state[p]
+                if "lookahead_slow" not in state:
+                    state["lookahead_slow"] = p.detach().clone()
+                slow = state["lookahead_slow"]
+                slow.lerp_(p, 1.0 - keep)
+                p.copy_(slow)
+
+
 def total_steps(steps_per_epoch: int, cfg: TrainConfig) -> int:
     """All the optimizer steps of `cfg.epochs` epochs, the last cut to train.last_epoch_steps where set."""
     return max(1, (cfg.epochs - 1) * steps_per_epoch + epoch_steps(cfg.epochs, steps_per_epoch, cfg))
