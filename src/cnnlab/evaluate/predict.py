@@ -129,7 +129,7 @@ class Predictor:
     "pytorch-bf16" or "pytorch"), `meta` (model.json), `info` (bundle.json; {}
     for a run folder), `folder`, `model` (the PyTorch module, None under ONNX Runtime), `temperature`
     (model.json's, fitted on validation data: every probability is softmax(logits / temperature)),
-    `seconds` (one warm batch-1 inference, measured by `warm()`).
+    `seconds` (a warm batch-1 inference, the fastest of five in `warm()`).
     """
 
     def __init__(self, forward, meta: dict, engine: str, folder: Path, info: dict | None = None,
