@@ -10,7 +10,8 @@ time against the budget (the target is within 10%) and the test accuracy.
 
 With `--fixed`, each budget run is followed by the peer a user would run by hand: the default
 `cnnlab train` (fastnet, the recipe) with a fixed number of epochs, the most whole ones that fit in
-the training seconds the budget run had, at the fastnet epoch time its plan measured. The target:
+the budget after the budget run's own time outside training and planning, at the epoch time it
+trained at (scaled by the probes' fastnet / network ratio when it trained a wider one). The target:
 the budget's accuracy is at least that fixed run's, which must itself end within the budget.
 """
 
@@ -63,7 +64,7 @@ def main() -> None:
                     f"{s['test']['accuracy']:.2%} | {s['status']} |")
         print(rows[-1], flush=True)
         if args.fixed:
-            epochs = max(1, int(s["time"]["train_seconds"] // plan["rates"]["fastnet"]["epoch_seconds"]))
+            epochs = _fixed_epochs(s, wall, budget)
             proc, fixed_wall = _train("--epochs", str(epochs), out=out)
             if proc.returncode:
                 raise SystemExit(f"cnnlab train --epochs {epochs} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -73,13 +74,25 @@ def main() -> None:
             print(fixed[-1], flush=True)
     if args.fixed:
         rows += ["", "Beside each budget, the default `cnnlab train` with fixed epochs: the most whole fastnet epochs "
-                 "that fit in the training seconds the budget run had, at the fastnet epoch time its plan measured.",
+                 "that fit in the budget less the budget run's time outside training and planning, at the epoch time "
+                 "the budget run trained at (scaled by its probes' fastnet / network ratio when it trained a wider one).",
                  "", *fixed]
     body = ["The shared CIFAR-10 JPEG copy (45,000 train / 5,000 val / 10,000 test images), the default recipe; "
             "the data cache built before (as any second run finds it).  ",
             f"Matmul just before, 2048 x 2048: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} GFLOP/s.",
             "", *rows]
     update_section("time budget", "\n".join(body))
+
+
+def _fixed_epochs(s: dict, wall: float, budget: float) -> int:
+    """The whole fastnet epochs a user who knew this machine's pace would give a fixed run in `budget` seconds."""
+    plan, epoch_seconds = s["budget"], s["time"]["epoch_seconds"]
+    whole = epoch_seconds[:-1] if plan["steps"] % plan["steps_per_epoch"] else epoch_seconds  # a cut last one
+    epoch = sum(whole) / len(whole)
+    if plan["model"] != "fastnet":
+        epoch *= plan["rates"]["fastnet"]["epoch_seconds"] / plan["rates"][plan["model"]]["epoch_seconds"]
+    outside = wall - s["time"]["train_seconds"] - plan["seconds_before_planning"]
+    return max(1, int((budget - outside) // epoch))
 
 
 def _train(*args: str, out: Path) -> tuple[subprocess.CompletedProcess, float]:
