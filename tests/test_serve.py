@@ -138,7 +138,7 @@ def _at_once(requests: list[httpx.Request]) -> list[tuple[int, bytes]]:
             conn.sendall(wire[:-1])
         time.sleep(0.3)  # every request read up to its last byte
         for conn, wire in zip(conns, wires):
-            conn.send(wire[-1:])
+            conn.sendall(wire[-1:])
         answers = []
         for conn in conns:
             response = http.client.HTTPResponse(conn)
