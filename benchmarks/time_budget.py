@@ -69,13 +69,15 @@ def main() -> None:
             if proc.returncode:
                 raise SystemExit(f"cnnlab train --epochs {epochs} failed:\n{proc.stdout}\n{proc.stderr}")
             accuracy = _summary(proc)["test"]["accuracy"]
+            gain = 100 * (s["test"]["accuracy"] - accuracy)
             fixed.append(f"| {text} | {s['test']['accuracy']:.2%}, {wall:.0f} | {epochs} | {fixed_wall:.0f} | "
-                         f"{fixed_wall / budget:.2f} | {accuracy:.2%} | {100 * (s['test']['accuracy'] - accuracy):+.2f} |")
+                         f"{fixed_wall / budget:.2f} | {accuracy:.2%} | {gain:+.2f} |")
             print(fixed[-1], flush=True)
     if args.fixed:
         rows += ["", "Beside each budget, the default `cnnlab train` with fixed epochs: the most whole fastnet epochs "
                  "that fit in the budget less the budget run's time outside training and planning, at the epoch time "
-                 "the budget run trained at (scaled by its probes' fastnet / network ratio when it trained a wider one).",
+                 "the budget run trained at (scaled by its probes' fastnet / network ratio when it trained a wider "
+                 "one).",
                  "", *fixed]
     body = ["The shared CIFAR-10 JPEG copy (45,000 train / 5,000 val / 10,000 test images), the default recipe; "
             "the data cache built before (as any second run finds it).  ",

@@ -61,8 +61,7 @@ def autocast(precision: str, device: torch.device):
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, device, epoch, *, start_step=0,
                     totals=(0.0, 0, 0), progress=True, dist: DistInfo = DistInfo(),
-                    checkpoint_every: int = 0, checkpoint=None, scaler=None, steps: int = 0,
-                    lookahead: Lookahead | None = None) -> dict:
+                    checkpoint_every: int = 0, checkpoint=None, scaler=None, steps: int = 0, lookahead=None) -> dict:
     """One pass over `loader` (from wherever it was told to resume).
 
     Args:
@@ -71,7 +70,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         checkpoint_every: call `checkpoint(step, totals)` every this many steps (0 = never).
         scaler: a GradScaler for fp16 (None or disabled otherwise).
         steps: end the epoch after this many steps (0 = the whole loader): a time budget's last epoch.
-        lookahead: moves the weights toward its slow ones after the steps it is due (train.lookahead).
+        lookahead: a `Lookahead`, which moves the weights toward its slow ones when due (train.lookahead).
 
     Returns:
         {'status': 'ok' | 'diverged' | 'stopped', 'loss', 'accuracy', 'step', 'totals'}.
@@ -107,9 +106,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, precision, d
         scheduler.step()
         if lookahead is not None:
             lookahead.step(scheduler.last_epoch)
-        n = y.numel()
-        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double()])
-        seen += n
+        sums += torch.stack([loss.detach().double() * y.numel(), (logits.argmax(1) == y).sum().double()])
+        seen += y.numel()
         if step % 10 == 0 and not bar.disable:
             loss_sum, correct = sums.tolist()
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
