@@ -121,3 +121,24 @@ def test_bundle_module_is_not_imported_back_by_the_predictor():
             "print(sorted(m for m in sys.modules if m.startswith('cnnlab.serve')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_warm_times_the_model_not_a_slow_moment_of_the_machine(tmp_path):
+    """A server decides from `seconds` whether to batch on its event loop; one timed call that another process
+    held up must not make a fast model look slow for the server's whole life."""
+    import time
+
+    import torch
+
+    calls = []
+
+    def forward(x):
+        calls.append(len(x))
+        if len(calls) == 2:  # the first timed call: the machine is busy elsewhere
+            time.sleep(0.2)
+        return torch.zeros(len(x), 2)
+
+    meta = {"classes": ["a", "b"], "image_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
+    predictor = Predictor(forward, meta, "torch", tmp_path)
+    predictor.warm()
+    assert len(calls) > 2 and predictor.seconds < 0.05, (calls, predictor.seconds)
