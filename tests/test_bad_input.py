@@ -39,6 +39,11 @@ def unfinished_run(dest: Path, run: Path) -> None:
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("summary.json", "predictions.csv", "report.*", "*.png"))
 
 
+def run_without_weights(dest: Path, run: Path) -> None:
+    """A finished run folder whose trained weights were deleted (or moved) since."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("model.safetensors"))
+
+
 def class_folders(*classes: str, n: int = 10):
     def build(dest: Path, run: Path) -> None:
         for k, c in enumerate(classes):
@@ -94,6 +99,8 @@ CASES = {
                                      {"zebras": class_folders("zebra", "airplane")}),
     "evaluate-unfinished-run": Case(("evaluate", "unfinished"), ("unfinished", "summary.json"),
                                     {"unfinished": unfinished_run}),
+    "evaluate-run-without-weights": Case(("evaluate", "lost"), ("lost", "model.safetensors", "put the file back"),
+                                         {"lost": run_without_weights}),
     "evaluate-undecodable-data": Case(("evaluate", "{run}", "--data", "broken"), ("broken",),
                                       {"broken/airplane/a.jpg": b"junk", "broken/cat/b.jpg": b""}),
     # export (a failing --check has its own test below)
@@ -238,7 +245,8 @@ def watched(tmp_path: Path, run: Path) -> tuple[Path, ...]:
 
 
 def needs_run(case: Case) -> bool:
-    return any("{run}" in a for a in case.argv) or any(c is unfinished_run for c in case.files.values())
+    return any("{run}" in a for a in case.argv) or any(c in (unfinished_run, run_without_weights)
+                                                       for c in case.files.values())
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -267,6 +275,21 @@ def test_no_traceback_reaches_a_terminal(tmp_path, run, cifar_root):
     written = changes(before, listing(*roots))
     v = violations(p.returncode, p.stdout, p.stderr, names, written)
     assert not v, f"{v}\nstdout: {p.stdout[-2000:]}\nstderr: {p.stderr[-3000:]}"
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(run, cifar_root):
+    """`cnnlab predict RUN FOLDER | head`: the JSON outgrows the pipe, the reader goes after one line, and
+    cnnlab ends as a Unix tool does (SIGPIPE's status), not with a BrokenPipeError traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "cnnlab", "predict", str(run), str(cifar_root / "test")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().startswith("[")
+        p.stdout.close()
+        code = p.wait(timeout=300)
+    finally:
+        p.kill()
+    err = p.stderr.read()
+    assert code == 141 and "Traceback" not in err, err
 
 
 def test_export_check_that_fails_says_so_in_one_line(run, tmp_path, monkeypatch, capsys):

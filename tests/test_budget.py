@@ -129,6 +129,8 @@ def test_a_budget_too_small_for_one_epoch_says_what_it_needs(squares, tmp_path, 
 @pytest.mark.parametrize("args,message", [
     (["--time-budget", "5x"], "train.time_budget '5x' is not a duration"),
     (["--time-budget", "5m", "--model", "efficientnet_lite0", "--pretrained"], "plans networks trained from scratch"),
+    (["--time-budget", "5m", "--epochs", "3"], "give --epochs or --time-budget, not both"),
+    (["--time-budget", "5m", "--set", "train.epochs=3"], "give --epochs or --time-budget, not both"),
 ])
 def test_bad_budgets_are_refused(squares, tmp_path, capsys, args, message):
     code = main(["train", "--data", str(squares), *args, "--out", str(tmp_path), "--no-progress"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hostile import BLUE, RED, build_hostile_folder, exif_jpeg, png_bomb
 
-from cnnlab.data.decode import DecodeError, decode_image, fit_square, load_array
+from cnnlab.data.decode import DecodeError, NotAnImage, decode_image, fit_square, load_array
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,15 @@ def test_bad_files_raise_with_reason(hostile, rel, reason):
     root, _ = hostile
     with pytest.raises(DecodeError, match=reason):
         decode_image(root / rel)
+
+
+def test_a_jpeg_cut_inside_its_header_is_damaged_not_unknown(hostile):
+    """Pillow knows the format and fails inside its header: a damaged image (the server's 422), not bytes of
+    an unknown format (415)."""
+    root, _ = hostile
+    with pytest.raises(DecodeError, match="truncated") as e:
+        decode_image((root / "dogs/exif6.jpg").read_bytes()[:200])
+    assert not isinstance(e.value, NotAnImage)
 
 
 def test_bytes_and_paths_decode_alike(hostile):

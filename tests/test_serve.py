@@ -380,3 +380,16 @@ def test_api_key_guards_predict(trained, cifar_root):
 def test_serve_refuses_what_is_not_a_model(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "neither a bundle nor a trained run folder" in capsys.readouterr().err
+
+
+def test_the_uncertain_threshold_separates_right_from_wrong_or_falls_back_halfway():
+    from cnnlab.serve.bundle import uncertainty_threshold
+
+    confidence = np.array([0.95, 0.9, 0.85, 0.6, 0.55, 0.52])
+    threshold, how = uncertainty_threshold(confidence, np.array([1, 1, 1, 0, 0, 0], bool), 2)
+    assert 0.6 < threshold <= 0.85 and how == "Youden's J"  # every right answer above, every mistake below
+    # no mistake to learn from (a small validation split): a 2-class model must still be able to say "uncertain"
+    threshold, how = uncertainty_threshold(confidence, np.ones(6, bool), 2)
+    assert threshold == 0.75 and "no mistake" in how
+    threshold, how = uncertainty_threshold(confidence, np.zeros(6, bool), 10)
+    assert threshold == pytest.approx(0.55) and "no right answer" in how

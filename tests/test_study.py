@@ -295,6 +295,9 @@ def test_the_best_run_is_chosen_on_validation_not_on_test():
     # on different data, each data set gets its own best and no run is compared across them
     text = written_comparison([row("a", 0.01, 0.80, 0.60), row("c", 0.1, 0.95, 0.95, data="other data")])
     assert len(text) == 2 and text[0].startswith("On cifar10") and text[1].startswith("On other data")
+    # runs of one learning rate (seeds, say) say nothing about learning rates
+    text = " ".join(written_comparison([row("a", 0.01, 0.80, 0.60), row("b", 0.01, 0.70, 0.90)]))
+    assert text.startswith("**a**") and "works best" not in text
 
 
 def test_a_study_trains_a_run_again_when_its_images_change(tmp_path, capsys):

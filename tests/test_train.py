@@ -162,8 +162,11 @@ def test_divergence_is_caught_and_no_nan_saved(cifar_root, tmp_path, capsys):
         assert all(np.isfinite(v).all() for v in load_file(str(run / "model.safetensors")).values())
 
 
-def test_no_better_than_chance_is_flagged(tmp_path, capsys):
-    # every image decodes to the same pixels (only a PNG text chunk differs), so no model can tell classes apart
+@pytest.mark.parametrize("epochs, batch, advice", [("2", "64", "it trained only 2 steps of batch 64"),
+                                                   ("6", "2", "try another learning rate")])
+def test_no_better_than_chance_is_flagged(epochs, batch, advice, tmp_path, capsys):
+    # every image decodes to the same pixels (only a PNG text chunk differs), so no model can tell classes apart;
+    # the advice is the learning rate only when the run had steps enough to learn in
     img = Image.new("RGB", (16, 16), (120, 60, 30))
     for c in ("a", "b"):
         for i in range(15):
@@ -172,10 +175,11 @@ def test_no_better_than_chance_is_flagged(tmp_path, capsys):
             buf = io.BytesIO()
             img.save(buf, "PNG", pnginfo=info)
             write(tmp_path / "data" / c / f"{i}.png", buf.getvalue())
-    run = train_cli(capsys, "--data", str(tmp_path / "data"), "--model", "cnn_small", "--epochs", "2",
-                    "--image-size", "16", "--out", str(tmp_path / "runs"), "--set", "data.augment=[]")
+    run = train_cli(capsys, "--data", str(tmp_path / "data"), "--model", "cnn_small", "--epochs", epochs,
+                    "--batch-size", batch, "--image-size", "16", "--out", str(tmp_path / "runs"),
+                    "--set", "data.augment=[]")
     s = json.loads((run / "summary.json").read_text())
-    assert s["status"] == "failed_to_learn" and "not a result" in s["message"]
+    assert s["status"] == "failed_to_learn" and "not a result" in s["message"] and advice in s["message"], s
 
 
 @pytest.mark.parametrize("args,message", [
@@ -296,18 +300,22 @@ def test_evaluate_on_other_data_leaves_out_what_the_run_saw(run, cifar_root, tmp
     assert json.loads((folder / "metrics.json").read_text())["n"] == 12
 
 
-def test_streaming_records_the_files_it_could_not_decode(tmp_path, capsys):
-    """A file that only fails when a streaming batch reaches it (here a test image, which no probe
-    reads up front) is named in the run's log.txt, rejected.csv and summary.json, not dropped silently."""
+@pytest.mark.parametrize("loader", ["stream", "memory"])
+def test_a_file_that_does_not_decode_is_recorded_and_not_counted(loader, tmp_path, capsys):
+    """A file that does not decode (streaming meets a test image only when a batch reaches it, since no
+    probe reads it up front) is named in the run's log.txt, rejected.csv and summary.json, not dropped
+    silently, and is not counted among the images the run printed and recorded."""
     for split, n in (("train", 8), ("test", 3)):
         for c in ("a", "b"):
             for i in range(n):
                 write(tmp_path / "d" / split / c / f"{i}.png", _png(100 * (c == "b") + i + 10 * (split == "test")))
     write(tmp_path / "d" / "test" / "a" / "broken.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
     args = ["train", "--data", str(tmp_path / "d"), "--model", "cnn_small", "--epochs", "1", "--image-size", "16",
-            "--precision", "fp32", "--out", str(tmp_path / "runs"), "--no-progress", "--set", "data.loader=stream",
+            "--precision", "fp32", "--out", str(tmp_path / "runs"), "--no-progress", "--set", f"data.loader={loader}",
             "--set", "data.workers=0"]
     assert main(args) == 0, capsys.readouterr().err
+    if loader == "memory":  # known before training, so the printed count already leaves it out
+        assert "/ 6 test images" in capsys.readouterr().out
     (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["data"]["rejected"] == 1
@@ -315,3 +323,4 @@ def test_streaming_records_the_files_it_could_not_decode(tmp_path, capsys):
         assert [r["path"] for r in csv.DictReader(f)] == [str(Path("test") / "a" / "broken.png")]
     assert "left out 1 files that do not decode" in (run / "log.txt").read_text()
     assert summary["test"]["n"] == 2 * 3  # evaluated on the images that decode
+    assert sum(c["test"] for c in summary["data"]["counts"].values()) == 2 * 3

@@ -98,6 +98,10 @@ def test_frozen_phase_on_cached_features_is_the_saved_model(hymenoptera_root, tm
     ev = sorted((run / "evaluations").iterdir())[-1]
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["accuracy"] == pytest.approx(s["test"]["accuracy"], abs=1e-9)
+    # a head's speed on cached features is not the model's: the test pass records none; `evaluate`, which reads
+    # images, and summary.json's inference do
+    assert "images_per_second" not in s["test"] and s["inference"]["throughput"] > 0
+    assert 0 < metrics["images_per_second"] < 1e4
     assert metrics["loss"] == pytest.approx(s["test"]["loss"], abs=1e-4), out
     # a second run with another learning rate reuses the cached features
     run2 = _train(capsys, *args, "--epochs", "1", "--lr", "3e-3")
@@ -112,9 +116,12 @@ def test_finetune_from_a_frozen_run(hymenoptera_root, tmp_path, capsys):
               "--out", str(tmp_path / "runs"), "--set", "data.limit_per_class=6"]
     frozen = _train(capsys, *common, "--model", "resnet18", "--weights", str(weights), "--freeze",
                     "--set", "train.feature_engine=torch")  # the ONNX engine's own tests are above
-    tuned = _train(capsys, *common, "--model", "resnet18", "--from", str(frozen), "--unfreeze", "2", "--lr", "1e-4")
+    # as the README has it: the data, the model, its sizes and head all come from the run named
+    tuned = _train(capsys, "--from", str(frozen), "--unfreeze", "2", "--lr", "1e-4", "--epochs", "1",
+                   "--out", str(tmp_path / "runs"))
     a, b = (json.loads((r / "summary.json").read_text()) for r in (frozen, tuned))
-    assert b["data"]["split_sha256"] == a["data"]["split_sha256"]
+    assert b["data"]["split_sha256"] == a["data"]["split_sha256"] and b["data"]["root"] == a["data"]["root"]
+    assert b["model"]["name"] == "resnet18" and b["model"]["input_size"] == 64 and b["data"]["image_size"] == 48
     assert [p["name"] for p in b["phases"]] == ["finetune"] and b["phases"][0]["lr"] == 1e-4
     assert b["model"]["weights_sha256"] == a["model"]["weights_sha256"] == sha256_file(weights)
     # a handful of validation images: the frozen run's temperature also saw its training images out of fold; a
@@ -124,6 +131,18 @@ def test_finetune_from_a_frozen_run(hymenoptera_root, tmp_path, capsys):
                    "--set", "train.feature_engine=torch")
     fitted_on = json.loads((again / "summary.json").read_text())["calibration"]["fitted_on"]
     assert "validation" in fitted_on and "out of fold" not in fitted_on, fitted_on
+
+
+@pytest.mark.parametrize("name, blocks", [("efficientnet_lite0", 9), ("resnet18", 9), ("mobilenetv2", 19)])
+def test_every_block_unfreezes_weights_that_are_not_normalisation(name, blocks):
+    """--unfreeze N counts blocks that hold convolutions: a normalisation layer (timm's BatchNormAct2d too,
+    whose activation is a child module) joins the block before it instead of counting as one of the N."""
+    model = create_model(name, 2, 64)
+    assert len(model.blocks()) == blocks
+    for block in model.blocks():
+        convs = [m for path in block for m in model.backbone.get_submodule(path).modules()
+                 if isinstance(m, torch.nn.Conv2d)]
+        assert convs, f"{name}: block {block} holds no convolution"
 
 
 def test_onnx_engine_agrees_with_pytorch():

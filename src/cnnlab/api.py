@@ -67,6 +67,10 @@ def train_config(path: str | Path | None = None, overrides: dict | None = None, 
         if not path.is_file():
             raise UserError(f"--resume {resume}: not a run folder (no {RunFolder.config})")
     cfg = load_config(path, overrides, sets)
+    epochs_named = "epochs" in (overrides or {}).get("train", {}) or any(
+        s.partition("=")[0].strip() == "train.epochs" for s in sets)
+    if cfg.train.time_budget and epochs_named and not resume:
+        raise UserError("give --epochs or --time-budget, not both: a time budget chooses the epochs itself")
     if resume:  # another --epochs makes every epoch whole: a cut-short last epoch was the old length's plan
         saved = load_config(path).train
         if cfg.train.epochs != saved.epochs and cfg.train.last_epoch_steps == saved.last_epoch_steps:

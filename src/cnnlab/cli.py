@@ -168,8 +168,7 @@ def run(argv: list[str], started: float | None = None) -> int:
         folder = api.study(args.study, args.out, args.set, progress=not args.no_progress)
         print(f"study: {folder}")
     elif args.command == "report":
-        folder = api.report(args.folders, args.out)
-        print(f"report: {folder / 'report.html'}")
+        api.report(args.folders, args.out)  # which says where the report is
     elif args.command == "evaluate":
         out = api.evaluate(args.run, args.data, include_seen=args.include_seen)
         print(f"evaluation: {out}")
@@ -238,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`cnnlab predict ... | head`): end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush at exit would fail too
+        return 141  # 128 + SIGPIPE, what a shell reports for a command that signal ended
 
 
 if __name__ == "__main__":

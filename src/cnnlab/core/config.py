@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from cnnlab.core.errors import UserError
+from cnnlab.core.runs import RunFolder
 
 
 @dataclass(frozen=True)
@@ -344,9 +345,12 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, s
         path: YAML file or None for the defaults.
         overrides: nested dict merged over the file (the CLI's flags).
         sets: `section.key=value` strings applied last.
+    With model.init (--from RUN), the keys none of these name come from that run (RunFolder.continued_settings).
     """
     raw = read_yaml_mapping(path, "config file", "data/model/train sections") if path else {}
-    return config_from_dict(apply_sets(merge(raw, overrides or {}), sets))
+    tree = apply_sets(merge(raw, overrides or {}), sets)
+    init = tree.get("model", {}).get("init") if isinstance(tree.get("model"), dict) else None
+    return config_from_dict(merge(RunFolder(str(init)).continued_settings(), tree) if init else tree)
 
 
 def merge(base: dict, extra: dict) -> dict:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import yaml
+
 from cnnlab.core.errors import UserError
 
 
@@ -123,6 +125,9 @@ class _File:
         return self.name if run is None else run.dir / self.name
 
 
+CONTINUED = {"data": ("path", "image_size"), "model": ("name", "input_size", "head", "head_hidden", "dropout", "bn")}
+
+
 class RunFolder:
     """A run folder and every file it can hold, each named here once.
 
@@ -168,6 +173,17 @@ class RunFolder:
     def read_summary(self) -> dict:
         return load_json(self.summary) if self.summary.is_file() else {}
 
+    def continued_settings(self) -> dict:
+        """The config keys `--from RUN` (model.init) takes from this run's config.yaml unless they are named
+        again: its data and its model with its head, so that `--from RUN` alone continues it (the split is
+        the run's too)."""
+        if not self.config.is_file():
+            raise UserError(f"--from {self.dir}: not a run folder (no {self.config.name}); "
+                            "pass a finished run's folder")
+        saved = yaml.safe_load(self.config.read_text()) or {}
+        return {section: {k: saved[section][k] for k in keys if k in saved.get(section, {})}
+                for section, keys in CONTINUED.items()}
+
     def status(self) -> str:
         """'' before summary.json; then completed | early_stopped | failed_to_learn | diverged | interrupted | failed."""
         return self.read_summary().get("status", "")
@@ -202,6 +218,9 @@ def load_run(path: str | Path, need_model: bool = True) -> RunFolder:
         why = "was interrupted" if status == "interrupted" else f"has not finished (no {RunFolder.summary})"
         raise UserError(f"{p} {why}; finish it with `cnnlab train --resume {p}`")
     if need_model and not run.has_model():
+        if run.read_summary().get("best_epoch"):  # it trained: the files were moved or deleted since
+            missing = ", ".join(f.name for f in (run.model, run.weights) if not f.is_file())
+            raise UserError(f"{p} has lost its trained model ({missing} missing); put the file back or train again")
         raise UserError(f"{p} has no trained model ({status}: no epoch finished with finite weights); "
                         "train it again, with a lower learning rate if it diverged")
     return run

@@ -74,8 +74,10 @@ def decode_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> De
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageTooLarge("decompression bomb: claimed size is too large") from None
-        except Exception as e:  # Pillow raises many types for garbage input
-            raise NotAnImage(f"not a recognised image ({type(e).__name__})") from None
+        except Image.UnidentifiedImageError:  # no format claims these bytes
+            raise NotAnImage("not a recognised image format") from None
+        except Exception as e:  # a format claimed them and broke inside its header: Pillow raises many types
+            raise DecodeError(f"damaged or truncated image ({type(e).__name__}: {str(e)[:80]})") from None
         width, height = img.size
         if width * height > max_pixels:
             raise ImageTooLarge(f"decompression bomb: {width}x{height} pixels is over the {max_pixels:,} limit")

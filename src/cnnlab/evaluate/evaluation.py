@@ -74,7 +74,8 @@ def write_evaluation(preds: Predictions, data_root: Path, out_dir: Path, model, 
     the maps of `model`, preprocessed as `preprocessing` says: model.json's keys) into `out_dir`."""
     classes = list(preds.classes)
     metrics = compute_metrics(preds.targets, preds.probs, classes)
-    metrics["images_per_second"] = round(preds.images_per_second, 1)
+    if preds.images_per_second is not None:
+        metrics["images_per_second"] = round(preds.images_per_second, 1)
     write_predictions(preds, RunFolder(out_dir).predictions)
     save_figure(plot_confusion_pair(np.array(metrics["confusion_matrix"]), classes), RunFolder(out_dir).confusion)
     write_galleries(model, preprocessing, preds, data_root, out_dir)

@@ -70,7 +70,7 @@ class Predictions:
     targets: np.ndarray  # (N,) int
     probs: np.ndarray  # (N, K) float: softmax(logits / temperature)
     classes: tuple[str, ...]
-    images_per_second: float
+    images_per_second: float | None  # None when the model read cached features, not images
     logits: np.ndarray  # (N, K) float: what the network put out, before any temperature
 
 
@@ -79,9 +79,10 @@ def predict_loader(model, loader, classes, device=torch.device("cpu"), temperatu
     """Logits and softmax probabilities (fp32, logits divided by `temperature`) for every batch of `loader`,
     with paths and targets."""
     model.eval().to(device)
-    logits, targets, paths = [], [], []
+    logits, targets, paths, images = [], [], [], True
     start = time.perf_counter()
     for x, y, idx in loader:
+        images = x.dim() == 4  # else (N, D) features of a frozen backbone, cached: a head's speed, not a model's
         logits.append(model(x.to(device)).float().cpu())
         targets.append(y)
         paths += [loader.paths[i] for i in idx.tolist()]
@@ -89,7 +90,8 @@ def predict_loader(model, loader, classes, device=torch.device("cpu"), temperatu
     z = torch.cat(logits) if logits else torch.zeros(0, len(classes))
     p = torch.softmax(z / temperature, 1).double().numpy()
     t = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64)
-    return Predictions(paths, t, p, tuple(classes), len(t) / seconds if seconds > 0 else 0.0, z.double().numpy())
+    rate = (len(t) / seconds if seconds > 0 else 0.0) if images else None
+    return Predictions(paths, t, p, tuple(classes), rate, z.double().numpy())
 
 
 @torch.no_grad()

@@ -208,7 +208,8 @@ class TransferNet(nn.Module):
                 parts = [(name, child)]
             for path, module in parts:
                 norm_only = all(isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
-                                for m in module.modules() if not list(m.children()))
+                                for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
+                # judged by the modules that own parameters: timm's BatchNormAct2d has an activation child
                 if norm_only and groups:
                     groups[-1].append(path)
                 else:

@@ -156,7 +156,7 @@ def _compare_on_one_data(rows: list[dict]) -> list[str]:
     for g, members in groups.items():
         if len(members) > 1:
             good = [m for m in members if m["status"] in OK and m.get("val_accuracy") is not None]
-            if good:
+            if len({m["lr"] for m in good}) > 1:  # runs of one learning rate (other seeds, say) compare nothing
                 b = max(good, key=lambda r: r["val_accuracy"])
                 lines.append(f"Across {g}'s learning rates, {b['lr']:g} works best on validation "
                              f"({b['val_accuracy']:.2%}; test {b['accuracy']:.2%}).")

@@ -27,19 +27,22 @@ __all__ = ["BUNDLE_FILE", "check", "export", "load_bundle", "uncertainty_thresho
 MAX_THRESHOLD_IMAGES = 2000  # validation images used to choose the "uncertain" threshold
 
 
-def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
+def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray, classes: int) -> tuple[float, str]:
     """The top-probability cut that best separates right from wrong answers (Youden's J on
-    validation predictions); below it the page says "uncertain"."""
+    validation predictions), and how it was chosen; below it the page says "uncertain". With
+    nothing to separate (no mistake, or no right answer), halfway from chance to certainty: a
+    fixed 0.5 would never flag a 2-class model's answer."""
     from sklearn.metrics import roc_curve
 
     if correct.all() or not correct.any():
-        return 0.5
+        return (1 + 1 / classes) / 2, f"no {'mistake' if correct.all() else 'right answer'} among them: " \
+                                      f"halfway from chance (1/{classes}) to certainty"
     fpr, tpr, thresholds = roc_curve(correct.astype(int), confidence)
     best = int(np.argmax(tpr - fpr))
-    return float(min(1.0, max(0.0, thresholds[best])))
+    return float(min(1.0, max(0.0, thresholds[best]))), "Youden's J"
 
 
-def _val_threshold(run: RunFolder, predictor: Predictor) -> tuple[float, int]:
+def _val_threshold(run: RunFolder, predictor: Predictor) -> tuple[float, str, int]:
     rows = [r for r in read_csv(run.split) if r["split"] == "val"]
     rows = even_sample(rows, MAX_THRESHOLD_IMAGES)  # keeps export quick on big models
     root = Path(run.read_summary()["data"]["root"])
@@ -51,7 +54,7 @@ def _val_threshold(run: RunFolder, predictor: Predictor) -> tuple[float, int]:
         p = predictor.predict_proba([root / r["path"] for r in chunk])
         conf += p.max(1).tolist()
         correct += [predictor.classes_[k] == r["class"] for k, r in zip(p.argmax(1), chunk)]
-    return uncertainty_threshold(np.array(conf), np.array(correct, dtype=bool)), len(conf)
+    return *uncertainty_threshold(np.array(conf), np.array(correct, dtype=bool), len(predictor.classes_)), len(conf)
 
 
 def export(run: str | Path, out: str | Path | None = None, log=print) -> Path:
@@ -76,7 +79,7 @@ def export(run: str | Path, out: str | Path | None = None, log=print) -> Path:
     atomic_write(folder / ONNX, to_onnx(model, torch.zeros(1, 3, size, size), "logits", dynamic_batch=True))
     root = Path(summary["data"]["root"])
     int8 = quantize_int8(folder, run, predictor, root)  # {"error": why} where the quantizer cannot
-    threshold, n_val = _val_threshold(run, predictor)
+    threshold, how, n_val = _val_threshold(run, predictor)
     test = summary.get("test") or {}
     info = {"format": "cnnlab-bundle-1", "cnnlab_version": __version__, "run": run.dir.name,
             "classes": meta["classes"], "model_name": meta["model_name"],
@@ -84,7 +87,7 @@ def export(run: str | Path, out: str | Path | None = None, log=print) -> Path:
             "metrics": {k: test[k] for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss", "n")
                         if k in test},
             "uncertain_below": round(threshold, 4),
-            "threshold_from": f"{n_val} validation images (Youden's J"
+            "threshold_from": f"{n_val} validation images ({how}"
                               + (", on calibrated probabilities)" if "temperature" in meta else ")"),
             "temperature": predictor.temperature,  # what the served probabilities are divided by
             "split_sha256": meta.get("split_sha256", ""),

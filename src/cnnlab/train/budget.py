@@ -93,11 +93,12 @@ def plan(cfg: Config, split: Split, started: float, device: torch.device, precis
     spent = time.monotonic() - started
     if steps < per_epoch:  # the plan promises one whole epoch at least
         rate = rates[name]
-        need = rate.epoch_seconds(counts["train"], counts["val"], batch) + rate.after_seconds(counts["val"], counts["test"])
+        epoch = rate.epoch_seconds(counts["train"], counts["val"], batch)
+        after = rate.after_seconds(counts["val"], counts["test"])
         raise UserError(f"a time budget of {budget:.0f} s leaves no time for one epoch of {name} on this machine "
-                        f"({spent:.0f} s spent on the data and the measurement, then about {need:.0f} s for one epoch "
-                        f"and the evaluation); give train.time_budget at least "
-                        f"{math.ceil((spent + need) / (1 - PACE_RESERVE))}s")
+                        f"({spent:.0f} s spent on the data and the measurement, then about {epoch:.1f} s for one epoch "
+                        f"and {after:.0f} s for the evaluation and the report); give train.time_budget at least "
+                        f"{math.ceil((spent + epoch + after) / (1 - PACE_RESERVE))}s")
     train = planned(cfg.train, steps, per_epoch)
     record = {"seconds": budget, "model": name, "epochs_planned": train.epochs, "epochs": train.epochs,
               "steps_planned": steps, "steps": steps, "steps_per_epoch": per_epoch, "batch_size": batch,

@@ -153,6 +153,21 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
+FEW_STEPS = 50  # a run that learned nothing in fewer optimizer steps than this has not been given a chance to
+
+
+def learned_nothing(best_val_accuracy: float, val_targets: list[int], classes: int, steps: int, batch: int) -> str:
+    """Why a run is no result, when its best validation accuracy is no better than always answering the
+    largest class of the validation split ("" when it did better), with what to change."""
+    largest = max((val_targets.count(c) for c in range(classes)), default=0) / max(1, len(val_targets))
+    if best_val_accuracy > largest + 0.01:
+        return ""
+    advice = (f"it trained only {steps} steps of batch {batch}: give more epochs or a smaller batch size"
+              if steps < FEW_STEPS else "try another learning rate")
+    return (f"best validation accuracy {best_val_accuracy:.4f} is no better than always predicting the largest "
+            f"class ({largest:.4f}); not a result: {advice}")
+
+
 PACE_RESERVE = 0.03  # of a time budget, kept spare when a plan is made or grown: an epoch's pace swings ~15%
 
 

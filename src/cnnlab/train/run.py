@@ -17,7 +17,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
@@ -40,7 +39,7 @@ from cnnlab.train.budget import budget_record, budget_seconds, fit_limits, plan 
 from cnnlab.train.checkpoints import load_checkpoint
 from cnnlab.train.distributed import DistInfo, barrier, broadcast, cleanup, data_parallel, device_for, setup
 from cnnlab.train.features import feature_loaders
-from cnnlab.train.loop import HISTORY_COLUMNS, BestWeights, FitResult, fit, steps_text
+from cnnlab.train.loop import HISTORY_COLUMNS, BestWeights, FitResult, fit, learned_nothing, steps_text
 from cnnlab.train.lr_find import lr_range_test
 from cnnlab.train.out_of_fold import out_of_fold_logits
 from cnnlab.train.setup import ModelSetup, build_model, class_weights, data_and_split, init_from_data, load_saved
@@ -116,8 +115,9 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         tee(f"run folder {folder.dir}" + (" (resuming)" if resume else ""))
         signals.raise_if_requested()
         loaders = _loaders(resolved, folder, root, split, model, device, dist, tee)
-        tee(f"{len(split.of('train')):,} train / {len(split.of('val')):,} val / {len(split.of('test')):,} test "
-            f"images, {len(split.classes)} classes, {model.size}x{model.size} px, {loaders.kind} loader, "
+        n = split.sizes(without=dict(loaders.rejected))  # the images that decode
+        tee(f"{n['train']:,} train / {n['val']:,} val / {n['test']:,} test images, {len(split.classes)} classes, "
+            f"{model.size}x{model.size} px, {loaders.kind} loader, "
             f"{precision}, {threads} threads" + (f", {dist.world} processes" if dist.active else ""))
         note = precision_note(cfg.train.precision, precision, device)
         if note:
@@ -346,8 +346,7 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
                          "weights_source": ctx.meta.get("weights_source", "random initialisation")},
                "phases": [{k: v for k, v in d.items() if k != "history"} for d in phases],
                "classes": list(split.classes), "best_epoch": result.best_epoch, "precision": ctx.precision,
-               "data": {"root": str(ctx.root), "image_size": ctx.model.size, "split_sha256": ctx.meta["split_sha256"],
-                        "counts": split.counts()},
+               "data": {"root": str(ctx.root), "image_size": ctx.model.size, "split_sha256": ctx.meta["split_sha256"]},
                "train": config_to_dict(ctx.cfg)["train"],
                "time": {"train_seconds": result.train_seconds,
                         "epoch_seconds": [r["seconds"] for r in result.history]}}
@@ -361,19 +360,16 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
         ctx.meta["temperature"] = summary["calibration"]["temperature"]
         save_json(folder.model, ctx.meta)  # model.json beside the weights written last: now with the temperature
     dropped = ctx.loaders.dropped()  # streaming meets undecodable files only as it reads them: all are known now
-    summary["data"]["rejected"] = len(dropped)
+    summary["data"].update(counts=split.counts(without=dict(dropped)), rejected=len(dropped))
     if len(dropped) > len(ctx.loaders.rejected):
         ctx.log(f"left out {len(dropped)} files that do not decode (see {RunFolder.rejected})")
         write_csv(folder.rejected, ["path", "reason"], dropped)
     if "test" in summary:
-        best = result.history[result.best_epoch - 1]
-        val_y = ctx.loaders.val.y.numpy()
-        majority = max(np.bincount(val_y, minlength=len(split.classes))) / max(1, len(val_y))
-        if result.status in ("completed", "early_stopped") and best["val_accuracy"] <= majority + 0.01:
-            summary["status"] = "failed_to_learn"
-            summary["message"] = (f"best validation accuracy {best['val_accuracy']:.4f} is no better than always "
-                                  f"predicting the largest class ({majority:.4f}); not a result: try another "
-                                  "learning rate")
+        steps = len(result.history) * len(ctx.loaders.train)
+        why = learned_nothing(result.history[result.best_epoch - 1]["val_accuracy"], ctx.loaders.val.y.tolist(),
+                              len(split.classes), steps, ctx.cfg.train.batch_size)
+        if result.status in ("completed", "early_stopped") and why:
+            summary["status"], summary["message"] = "failed_to_learn", why
         summary["inference"] = inference_speed(model, ctx.model.size, ctx.device)
         ctx.log(f"test accuracy {summary['test']['accuracy']:.4f}  macro F1 {summary['test']['f1_macro']:.4f}  "
                 f"loss {summary['test']['loss']:.4f}  (best epoch {result.best_epoch})")
