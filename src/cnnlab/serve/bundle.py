@@ -35,8 +35,8 @@ def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray, classes: 
     from sklearn.metrics import roc_curve
 
     if correct.all() or not correct.any():
-        return (1 + 1 / classes) / 2, f"no {'mistake' if correct.all() else 'right answer'} among them: " \
-                                      f"halfway from chance (1/{classes}) to certainty"
+        none = "mistake" if correct.all() else "right answer"
+        return (1 + 1 / classes) / 2, f"no {none} among them: halfway from chance (1/{classes}) to certainty"
     fpr, tpr, thresholds = roc_curve(correct.astype(int), confidence)
     best = int(np.argmax(tpr - fpr))
     return float(min(1.0, max(0.0, thresholds[best]))), "Youden's J"

@@ -12,6 +12,7 @@ all-reduced and only rank 0 writes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -156,10 +157,10 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
 FEW_STEPS = 50  # a run that learned nothing in fewer optimizer steps than this has not been given a chance to
 
 
-def learned_nothing(best_val_accuracy: float, val_targets: list[int], classes: int, steps: int, batch: int) -> str:
+def learned_nothing(best_val_accuracy: float, val_targets: list[int], steps: int, batch: int) -> str:
     """Why a run is no result, when its best validation accuracy is no better than always answering the
     largest class of the validation split ("" when it did better), with what to change."""
-    largest = max((val_targets.count(c) for c in range(classes)), default=0) / max(1, len(val_targets))
+    largest = max(collections.Counter(val_targets).values(), default=0) / max(1, len(val_targets))
     if best_val_accuracy > largest + 0.01:
         return ""
     advice = (f"it trained only {steps} steps of batch {batch}: give more epochs or a smaller batch size"
