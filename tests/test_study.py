@@ -125,6 +125,20 @@ def test_study_mistakes_exit_2(tmp_path, capsys, cifar_root):
     bad.write_text(yaml.safe_dump({"name": "x", "runs": [{"model": {"name": "cnn_small"}, "train": {"lr": -1}}]}))
     assert main(["study", str(bad), "--out", str(tmp_path / "s")]) == 2
     assert "train.lr must be above 0" in capsys.readouterr().err
+    # every mistake in one message, so that one edit of the file fixes them all: the file's own first, then,
+    # once it reads, every run's model
+    bad.write_text(yaml.safe_dump({"name": "x", "runs": [{"name": "a", "train": {"lr": -1}}, {"name": "b"},
+                                                         {"name": "c", "train": {"epochs": "two"}}]}))
+    assert main(["study", str(bad), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "2 mistakes" in err and "run a: config: train.lr" in err and "run c: config: train.epochs" in err, err
+    bad.write_text(yaml.safe_dump({"name": "x", "defaults": {"data": {"path": str(cifar_root)}},
+                                   "runs": [{"name": "a", "model": {"name": "resnet9000"}}, {"name": "b"},
+                                            {"name": "c", "model": {"name": "resnet9001"}}]}))
+    assert main(["study", str(bad), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "2 mistakes" in err and "resnet9000" in err and "resnet9001" in err, err
+    assert not (tmp_path / "s").exists()  # checked before anything was made
     missing = tmp_path / "missing.yaml"
     missing.write_text(yaml.safe_dump({"name": "rw", "data_help": "Download RealWaste first.",
                                        "defaults": {"data": {"path": str(tmp_path / "realwaste")}},

@@ -67,6 +67,15 @@ def _lrs(entry: dict, where: str) -> list:
     return lrs
 
 
+def raise_all(mistakes: list[str], shown: int = 3) -> None:
+    """One UserError naming every mistake found (the first `shown` in full), so that one edit fixes them all."""
+    if len(mistakes) == 1:
+        raise UserError(mistakes[0])
+    if mistakes:
+        more = f"; and {len(mistakes) - shown} more" if len(mistakes) > shown else ""
+        raise UserError(f"{len(mistakes)} mistakes: " + "; ".join(mistakes[:shown]) + more)
+
+
 def load_study(path: str | Path, sets: list[str] = ()) -> Study:
     """Read and validate a study file; `sets` (`train.epochs=2`) apply to every child."""
     p = Path(path)
@@ -85,31 +94,41 @@ def load_study(path: str | Path, sets: list[str] = ()) -> Study:
         raise UserError(f"study file {p}: defaults must be a mapping of sections (data, model, train), "
                         f"got {defaults!r}")
     forced = apply_sets({}, sets)  # --set values win over the defaults and every entry
-    children, seen = [], set()
-    for i, entry in enumerate(raw["runs"]):
-        if not isinstance(entry, dict):
-            raise UserError(f"study file {p}: run {i + 1} must be a mapping with keys from {sorted(ENTRY_KEYS)}, "
-                            f"got {entry!r}")
-        unknown = sorted(str(k) for k in set(entry) - ENTRY_KEYS)
-        if unknown:
-            raise UserError(f"study file {p}: run {i + 1} has unknown keys {unknown}; "
-                            f"use keys from {sorted(ENTRY_KEYS)}")
-        for k in ("data", "model", "train"):
-            if entry.get(k) is not None and not isinstance(entry[k], dict):
-                raise UserError(f"study file {p}: run {i + 1}: {k} must be a mapping of keys "
-                                f"(e.g. {k}: {{...}}), got {entry[k]!r}")
-        group = str(entry.get("name") or (entry.get("model") or {}).get("name") or f"run{i + 1}")
-        base = merge(defaults, {k: entry[k] for k in ("data", "model", "train") if k in entry})
-        for lr in _lrs(entry, f"study file {p}, run {group}"):
-            cfg_raw = merge(merge(base, {"train": {"lr": lr}}) if lr is not None else base, forced)
-            name = f"{group}-lr{_lr_label(lr)}" if lr is not None else group
-            if name in seen:
-                raise UserError(f"study file {p}: two runs are named {name}; give each entry its own name")
-            seen.add(name)
-            try:
-                cfg = config_from_dict(cfg_raw)
-            except UserError as e:
-                raise UserError(f"study file {p}, run {name}: {e}") from None
-            children.append(Child(name, group, cfg))
+    children, seen, mistakes = [], set(), []
+    for i, entry in enumerate(raw["runs"]):  # every entry is checked, so that one message names every mistake
+        try:
+            children += _entry_children(p, i, entry, defaults, forced, seen)
+        except UserError as e:
+            mistakes.append(str(e))
+    raise_all(mistakes)
     return Study(str(raw.get("name") or p.stem), str(raw.get("description") or ""), str(raw.get("data_help") or ""),
                  tuple(children))
+
+
+def _entry_children(p: Path, i: int, entry, defaults: dict, forced: dict, seen: set) -> list[Child]:
+    """The runs of the study file's entry `i` (one per learning rate in its lrs), or a UserError naming it."""
+    if not isinstance(entry, dict):
+        raise UserError(f"study file {p}: run {i + 1} must be a mapping with keys from {sorted(ENTRY_KEYS)}, "
+                        f"got {entry!r}")
+    unknown = sorted(str(k) for k in set(entry) - ENTRY_KEYS)
+    if unknown:
+        raise UserError(f"study file {p}: run {i + 1} has unknown keys {unknown}; use keys from {sorted(ENTRY_KEYS)}")
+    for k in ("data", "model", "train"):
+        if entry.get(k) is not None and not isinstance(entry[k], dict):
+            raise UserError(f"study file {p}: run {i + 1}: {k} must be a mapping of keys "
+                            f"(e.g. {k}: {{...}}), got {entry[k]!r}")
+    group = str(entry.get("name") or (entry.get("model") or {}).get("name") or f"run{i + 1}")
+    base = merge(defaults, {k: entry[k] for k in ("data", "model", "train") if k in entry})
+    children = []
+    for lr in _lrs(entry, f"study file {p}, run {group}"):
+        cfg_raw = merge(merge(base, {"train": {"lr": lr}}) if lr is not None else base, forced)
+        name = f"{group}-lr{_lr_label(lr)}" if lr is not None else group
+        if name in seen:
+            raise UserError(f"study file {p}: two runs are named {name}; give each entry its own name")
+        seen.add(name)
+        try:
+            cfg = config_from_dict(cfg_raw)
+        except UserError as e:
+            raise UserError(f"study file {p}, run {name}: {e}") from None
+        children.append(Child(name, group, cfg))
+    return children

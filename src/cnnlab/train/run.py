@@ -138,7 +138,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
             tee(f"stopped by {e.name} after the run completed")
         else:
             e.run_dir = folder.dir
-            tee(f"interrupted by {e.name}; continue with: cnnlab train --resume {folder.dir}")
+            tee(f"interrupted by {e.name}")  # the command's last line (stderr) says how to continue
         raise
     except Exception as e:  # the folder says it failed and why, so no one mistakes it for a run to finish
         if dist.main:

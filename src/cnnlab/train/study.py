@@ -16,7 +16,7 @@ from pathlib import Path
 from cnnlab.core.config import Config, config_to_dict, flatten, load_config
 from cnnlab.core.errors import UserError, WeightsNotFound
 from cnnlab.core.runs import STUDY_FILE, RunFolder, load_json, save_json, slug
-from cnnlab.core.study import Child, load_study
+from cnnlab.core.study import Child, load_study, raise_all
 from cnnlab.data.sources import DATASET_NAMES
 from cnnlab.data.splits import manifest_hash
 from cnnlab.train.run import OPERATIONAL, train
@@ -26,15 +26,18 @@ def run_study(path: str | Path, out: str | Path = "studies", sets: list[str] = (
               log=print) -> Path:
     """Train (or skip, or resume) every child of the study file at `path`; return the study folder."""
     st = load_study(path, sets)
+    mistakes = []
     for child in st.children:  # every run is checked before the first one trains
         if child.config.data.path and not Path(child.config.data.path).exists() and \
                 child.config.data.path.lower() not in DATASET_NAMES:
-            raise UserError(f"study {st.name}, run {child.name}: data {child.config.data.path} not found. "
+            mistakes.append(f"study {st.name}, run {child.name}: data {child.config.data.path} not found. "
                             + (st.data_help or "Point it at the image folder with --set data.path=FOLDER"))
+            continue
         try:
             check_model(child.config)
         except UserError as e:
-            raise UserError(f"study {st.name}, run {child.name}: {e}") from None
+            mistakes.append(f"study {st.name}, run {child.name}: {e}")
+    raise_all(mistakes)
     folder = Path(out) / slug(st.name)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     try:
