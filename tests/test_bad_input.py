@@ -44,6 +44,11 @@ def run_without_weights(dest: Path, run: Path) -> None:
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("model.safetensors"))
 
 
+def folder_of_runs(dest: Path, run: Path) -> None:
+    """runs/ itself, where its runs were meant (`cnnlab report runs` for `cnnlab report runs/*`)."""
+    shutil.copytree(run, dest / run.name)
+
+
 def class_folders(*classes: str, n: int = 10):
     def build(dest: Path, run: Path) -> None:
         for k, c in enumerate(classes):
@@ -90,6 +95,7 @@ CASES = {
     "report-out-is-a-file": Case(("report", "{run}", "--out", "notes.txt"), ("notes.txt",), NOTES),
     "report-unfinished-run": Case(("report", "unfinished"), ("unfinished", "summary.json"),
                                   {"unfinished": unfinished_run}),
+    "report-folder-of-runs": Case(("report", "runs"), ("runs", "runs/*"), {"runs": folder_of_runs}),
     "report-corrupt-study": Case(("report", "st"), ("st", "study.json"), {"st/study.json": b"{not json"}),
     # evaluate
     "evaluate-missing-run": Case(("evaluate", "no_such_run"), ("no_such_run",)),
@@ -247,7 +253,7 @@ def watched(tmp_path: Path, run: Path) -> tuple[Path, ...]:
 
 
 def needs_run(case: Case) -> bool:
-    return any("{run}" in a for a in case.argv) or any(c in (unfinished_run, run_without_weights)
+    return any("{run}" in a for a in case.argv) or any(c in (unfinished_run, run_without_weights, folder_of_runs)
                                                        for c in case.files.values())
 
 

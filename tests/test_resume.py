@@ -22,7 +22,8 @@ from cnnlab.train.checkpoints import load_checkpoint
 
 ARGS = ["--model", "cnn_small", "--image-size", "16", "--epochs", "3", "--batch-size", "16", "--lr", "2e-3", "--seed", "5",
         "--deterministic", "--precision", "fp32", "--no-progress", "--set", "data.limit_per_class=40", "--set", "data.val_fraction=0.3",
-        "--set", "train.checkpoint_steps=4", "--set", "train.lookahead=0.6"]  # its slow weights must resume too
+        "--set", "train.checkpoint_steps=4", "--set", "train.lookahead=0.6",  # its slow weights must resume too
+        "--set", "train.schedule=cosine"]  # and an lr that moves within an epoch
 
 
 def cnnlab(*args, env=None) -> subprocess.Popen:
@@ -127,6 +128,9 @@ def test_kill_in_the_middle_of_a_checkpoint_write(reference, cifar_root, tmp_pat
     assert meta["progress"]["step"] == 8  # the 2nd write (steps 4, 8, then the 3rd failed)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert_same_weights(weights(run), ref_w)
+    # the epoch resumed mid-way records its first lr, as the run that was never stopped does
+    lrs = [[row.split(",")[1] for row in (r / "history.csv").read_text().splitlines()[1:]] for r in (run, reference[0])]
+    assert lrs[0] == lrs[1] and len(set(lrs[0])) == 3, lrs
 
 
 def test_incompatible_resume_is_refused(reference, tmp_path, capsys):

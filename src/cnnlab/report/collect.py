@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cnnlab.core.errors import UserError
-from cnnlab.core.runs import STUDY_FILE, load_json, load_run
+from cnnlab.core.runs import STUDY_FILE, RunFolder, load_json, load_run
 from cnnlab.report.compare import best_by_data, run_row, write_comparison
 
 def write_report(folders: list[Path], out: Path | None = None, log=print) -> Path:
@@ -69,7 +69,11 @@ def _run_rows(folders: list[Path], log) -> list[dict]:
         why = _why_not(run)
         if why:  # e.g. `cnnlab report runs/*` meeting an lr-find folder or a failed run
             if len(folders) == 1:
-                raise UserError(f"{run}: {why}")
+                inside = [p for p in run.glob("*") if RunFolder(p).config.is_file()] if run.is_dir() else []
+                if inside:  # `cnnlab report runs`
+                    raise UserError(f"{run} holds {len(inside)} run folder{'s' * (len(inside) > 1)} and is not one "
+                                    f"itself; report them with `cnnlab report {run}/*`")
+                load_run(run, need_model=False)  # raises why, in words that name the folder
             log(f"warning: {run} left out of the report: {why}")
         else:
             rows.append(run_row(run))

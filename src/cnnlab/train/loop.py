@@ -288,7 +288,9 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         epoch = first = p["epoch"]
         while epoch <= cfg.epochs:
             start, start_step = time.perf_counter(), p["step"]
-            lr = optimizer.param_groups[0]["lr"]
+            if not p["step"]:  # a run resumed mid-epoch records the epoch's first lr, as a run not stopped does
+                p["epoch_lr"] = optimizer.param_groups[0]["lr"]
+            lr = p.get("epoch_lr", optimizer.param_groups[0]["lr"])
             if not p["step"]:
                 loaders.train.set_epoch(epoch)
             result = train_one_epoch(runner, loaders.train, optimizer, scheduler, criterion, precision, device, epoch,
