@@ -94,7 +94,7 @@ def test_a_jpeg_cut_inside_its_header_is_damaged_not_unknown(hostile):
     """Pillow knows the format and fails inside its header: a damaged image (the server's 422), not bytes of
     an unknown format (415)."""
     root, _ = hostile
-    with pytest.raises(DecodeError, match="truncated") as e:
+    with pytest.raises(DecodeError, match="OSError") as e:
         decode_image((root / "dogs/exif6.jpg").read_bytes()[:200])
     assert not isinstance(e.value, NotAnImage)
 

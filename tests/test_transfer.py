@@ -101,7 +101,7 @@ def test_frozen_phase_on_cached_features_is_the_saved_model(hymenoptera_root, tm
     # a head's speed on cached features is not the model's: the test pass records none; `evaluate`, which reads
     # images, and summary.json's inference do
     assert "images_per_second" not in s["test"] and s["inference"]["throughput"] > 0
-    assert 0 < metrics["images_per_second"] < 1e4
+    assert metrics["images_per_second"] > 0
     assert metrics["loss"] == pytest.approx(s["test"]["loss"], abs=1e-4), out
     # a second run with another learning rate reuses the cached features
     run2 = _train(capsys, *args, "--epochs", "1", "--lr", "3e-3")

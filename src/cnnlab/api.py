@@ -66,7 +66,7 @@ def train_config(path: str | Path | None = None, overrides: dict | None = None, 
         path = RunFolder(resume).config
         if not path.is_file():
             raise UserError(f"--resume {resume}: not a run folder (no {RunFolder.config})")
-    cfg = load_config(path, overrides, sets)
+    cfg = load_config(path, overrides, sets, from_init=not resume)
     epochs_named = "epochs" in (overrides or {}).get("train", {}) or any(
         s.partition("=")[0].strip() == "train.epochs" for s in sets)
     if cfg.train.time_budget and epochs_named and not resume:

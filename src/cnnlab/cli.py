@@ -161,7 +161,7 @@ def run(argv: list[str], started: float | None = None) -> int:
             print(f"report: {api.RunFolder(folder).report}")
             print(f"run: {folder}")
     elif args.command == "lr-find":
-        folder = api.lr_find(api.load_config(args.config, _train_overrides(args), args.set))
+        folder = api.lr_find(api.load_config(args.config, _train_overrides(args), args.set, from_init=True))
         print(f"plot: {api.RunFolder(folder).lr_find_plot}")
         print(f"folder: {folder}")
     elif args.command == "study":
@@ -222,7 +222,35 @@ def _failed_images(results: list[dict], verb: str) -> int:
     return 0
 
 
+class _ReaderGone(Exception):
+    """stdout's reader went away (`cnnlab predict ... | head`)."""
+
+
+class _Stdout:
+    """sys.stdout, on which a broken pipe is `_ReaderGone`: the command then ends quietly as cat does, while a
+    broken pipe anywhere else (a worker process's, say) stays an error."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            raise _ReaderGone from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            raise _ReaderGone from None
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
         with signals.handled():
             # the command line's own process counts its budget from its start, before torch was imported
@@ -237,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader of stdout went away (`cnnlab predict ... | head`): end quietly, as cat does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush at exit would fail too
+    except _ReaderGone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())  # Python's last flush at exit would fail too
         return 141  # 128 + SIGPIPE, what a shell reports for a command that signal ended
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

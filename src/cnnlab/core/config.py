@@ -338,19 +338,28 @@ def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None, sets: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: dict | None = None, sets: list[str] = (),
+                from_init: bool = False) -> Config:
     """Read a YAML config, apply nested `overrides` and `--set` strings, validate, return Config.
 
     Args:
         path: YAML file or None for the defaults.
         overrides: nested dict merged over the file (the CLI's flags).
         sets: `section.key=value` strings applied last.
-    With model.init (--from RUN), the keys none of these name come from that run (RunFolder.continued_settings).
+        from_init: a new run's config (train, lr-find; not a resume, not a saved config.yaml read again): with
+            model.init (--from RUN), the keys in CONTINUED that nothing here names come from RUN's config.yaml.
     """
     raw = read_yaml_mapping(path, "config file", "data/model/train sections") if path else {}
     tree = apply_sets(merge(raw, overrides or {}), sets)
-    init = tree.get("model", {}).get("init") if isinstance(tree.get("model"), dict) else None
-    return config_from_dict(merge(RunFolder(str(init)).continued_settings(), tree) if init else tree)
+    init = tree.get("model", {}).get("init") if from_init and isinstance(tree.get("model"), dict) else None
+    if init:
+        saved = RunFolder(str(init)).saved_config("--from")
+        tree = merge({s: {k: saved[s][k] for k in keys if k in saved.get(s, {})} for s, keys in CONTINUED.items()},
+                     tree)
+    return config_from_dict(tree)
+
+
+CONTINUED = {"data": ("path", "image_size"), "model": ("name", "input_size", "head", "head_hidden", "dropout", "bn")}
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -379,16 +388,6 @@ def config_to_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-def save_train(path: Path, **changes) -> None:
-    """Rewrite a run's config.yaml with train settings changed. The one exception to "a config is never
-    changed": a time budget re-plans the steps (the epochs, the last one's cut, the warm-up kept in steps) during
-    the run, and a resume must follow the schedule the run has."""
-    from cnnlab.core.runs import atomic_write
-
-    used = load_config(path)
-    atomic_write(path, dump_config(dataclasses.replace(used, train=dataclasses.replace(used.train, **changes))))
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -125,9 +125,6 @@ class _File:
         return self.name if run is None else run.dir / self.name
 
 
-CONTINUED = {"data": ("path", "image_size"), "model": ("name", "input_size", "head", "head_hidden", "dropout", "bn")}
-
-
 class RunFolder:
     """A run folder and every file it can hold, each named here once.
 
@@ -173,16 +170,12 @@ class RunFolder:
     def read_summary(self) -> dict:
         return load_json(self.summary) if self.summary.is_file() else {}
 
-    def continued_settings(self) -> dict:
-        """The config keys `--from RUN` (model.init) takes from this run's config.yaml unless they are named
-        again: its data and its model with its head, so that `--from RUN` alone continues it (the split is
-        the run's too)."""
+    def saved_config(self, flag: str) -> dict:
+        """This run's config.yaml as written (a UserError naming `flag` when there is none)."""
         if not self.config.is_file():
-            raise UserError(f"--from {self.dir}: not a run folder (no {self.config.name}); "
+            raise UserError(f"{flag} {self.dir}: not a run folder (no {self.config.name}); "
                             "pass a finished run's folder")
-        saved = yaml.safe_load(self.config.read_text()) or {}
-        return {section: {k: saved[section][k] for k in keys if k in saved.get(section, {})}
-                for section, keys in CONTINUED.items()}
+        return yaml.safe_load(self.config.read_text()) or {}
 
     def status(self) -> str:
         """'' before summary.json; then completed | early_stopped | failed_to_learn | diverged | interrupted | failed."""

@@ -74,9 +74,11 @@ def decode_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> De
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageTooLarge("decompression bomb: claimed size is too large") from None
-        except Image.UnidentifiedImageError:  # no format claims these bytes
+        # No format opened the bytes (Pillow's plugins turn most of their own header errors into this too), or
+        # one began to read them and failed: a damaged image (e.g. a JPEG cut short: "Truncated File Read").
+        except Image.UnidentifiedImageError:
             raise NotAnImage("not a recognised image format") from None
-        except Exception as e:  # a format claimed them and broke inside its header: Pillow raises many types
+        except Exception as e:
             raise DecodeError(f"damaged or truncated image ({type(e).__name__}: {str(e)[:80]})") from None
         width, height = img.size
         if width * height > max_pixels:

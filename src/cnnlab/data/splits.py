@@ -41,12 +41,12 @@ class Split:
     def of(self, split: str) -> list[Row]:
         return [r for r in self.rows if r.split == split]
 
-    def sizes(self, without=()) -> dict[str, int]:
+    def sizes(self, without: set[str] | frozenset[str] = frozenset()) -> dict[str, int]:
         """Images per split: {"train": N, "val": N, "test": N}, not counting the paths in `without`."""
         counts = self.counts(without)
         return {s: sum(n[s] for n in counts.values()) for s in SPLITS}
 
-    def counts(self, without=()) -> dict[str, dict[str, int]]:
+    def counts(self, without: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, int]]:
         """Images per class and split, not counting the paths in `without` (files that did not decode)."""
         out = {c: {s: 0 for s in SPLITS} for c in self.classes}
         for r in self.rows:

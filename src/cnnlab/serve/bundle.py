@@ -35,7 +35,7 @@ def uncertainty_threshold(confidence: np.ndarray, correct: np.ndarray, classes: 
     from sklearn.metrics import roc_curve
 
     if correct.all() or not correct.any():
-        none = "mistake" if correct.all() else "right answer"
+        none = "image" if not len(correct) else "mistake" if correct.all() else "right answer"
         return (1 + 1 / classes) / 2, f"no {none} among them: halfway from chance (1/{classes}) to certainty"
     fpr, tpr, thresholds = roc_curve(correct.astype(int), confidence)
     best = int(np.argmax(tpr - fpr))

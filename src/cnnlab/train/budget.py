@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.core.config import Config, TrainConfig, parse_duration, save_train
+from cnnlab.core.config import Config, TrainConfig, parse_duration
 from cnnlab.core.errors import UserError
 from cnnlab.data.splits import Split
 from cnnlab.models import create_model, get_entry
 from cnnlab.models.pretrained import is_transfer_name
+from cnnlab.train.checkpoints import save_train
 from cnnlab.train.loop import PACE_RESERVE, autocast, planned, steps_text, steps_that_fit
 from cnnlab.train.optim import build_optimizer, total_steps
 

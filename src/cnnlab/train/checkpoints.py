@@ -4,10 +4,12 @@
 and the rest (epoch and step, early-stopping state, history, optimizer hyper-parameters, scheduler
 state, Python and NumPy RNG state) as JSON in the file's metadata. Nothing is pickled. It is
 written atomically, so the previous checkpoint stays intact until the new one is complete.
+`save_train` rewrites the train settings of config.yaml that a time budget re-plans, which a resume follows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, safe_open, save
 
+from cnnlab.core.config import dump_config, load_config
 from cnnlab.core.errors import UserError
 from cnnlab.core.runs import RunFolder, atomic_write
 
@@ -89,3 +92,11 @@ def restore_training(tensors: dict, meta: dict, model, optimizer, scheduler, sca
     if scaler is not None and scaler.is_enabled() and "scaler" in meta:
         scaler.load_state_dict(meta["scaler"])
     restore_rng(tensors, meta["rng"])
+
+
+def save_train(path: Path, **changes) -> None:
+    """Rewrite a run's config.yaml with train settings changed. The one exception to "a config is never
+    changed": a time budget re-plans the steps (the epochs, the last one's cut, the warm-up kept in steps) during
+    the run, and a resume must follow the schedule the run has."""
+    used = load_config(path)
+    atomic_write(path, dump_config(dataclasses.replace(used, train=dataclasses.replace(used.train, **changes))))

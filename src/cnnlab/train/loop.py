@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from cnnlab.core import signals
-from cnnlab.core.config import MAX_BUDGET_EPOCHS, TrainConfig, save_train
+from cnnlab.core.config import MAX_BUDGET_EPOCHS, TrainConfig
 from cnnlab.core.runs import RunFolder, write_csv
-from cnnlab.train.checkpoints import restore_training, save_checkpoint
+from cnnlab.train.checkpoints import restore_training, save_checkpoint, save_train
 from cnnlab.train.distributed import DistInfo, all_sum, all_sum_tensor
 from cnnlab.train.optim import Lookahead, build_optimizer, build_scheduler, epoch_steps, total_steps, warmup_steps
 
@@ -288,11 +288,10 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
         epoch = first = p["epoch"]
         while epoch <= cfg.epochs:
             start, start_step = time.perf_counter(), p["step"]
-            if not p["step"]:  # a run resumed mid-epoch records the epoch's first lr, as a run not stopped does
+            if not p["step"]:  # (a run resumed mid-epoch records the epoch's first lr, as a run not stopped does)
                 p["epoch_lr"] = optimizer.param_groups[0]["lr"]
-            lr = p.get("epoch_lr", optimizer.param_groups[0]["lr"])
-            if not p["step"]:
                 loaders.train.set_epoch(epoch)
+            lr = p.get("epoch_lr", optimizer.param_groups[0]["lr"])
             result = train_one_epoch(runner, loaders.train, optimizer, scheduler, criterion, precision, device, epoch,
                                      start_step=p["step"], totals=tuple(p["totals"]), progress=progress and dist.main, dist=dist,
                                      checkpoint_every=cfg.checkpoint_steps,

@@ -115,7 +115,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         tee(f"run folder {folder.dir}" + (" (resuming)" if resume else ""))
         signals.raise_if_requested()
         loaders = _loaders(resolved, folder, root, split, model, device, dist, tee)
-        n = split.sizes(without=dict(loaders.rejected))  # the images that decode
+        n = split.sizes(without={p for p, _ in loaders.rejected})  # the images that decode
         tee(f"{n['train']:,} train / {n['val']:,} val / {n['test']:,} test images, {len(split.classes)} classes, "
             f"{model.size}x{model.size} px, {loaders.kind} loader, "
             f"{precision}, {threads} threads" + (f", {dist.world} processes" if dist.active else ""))
@@ -360,7 +360,7 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
         ctx.meta["temperature"] = summary["calibration"]["temperature"]
         save_json(folder.model, ctx.meta)  # model.json beside the weights written last: now with the temperature
     dropped = ctx.loaders.dropped()  # streaming meets undecodable files only as it reads them: all are known now
-    summary["data"].update(counts=split.counts(without=dict(dropped)), rejected=len(dropped))
+    summary["data"].update(counts=split.counts(without={p for p, _ in dropped}), rejected=len(dropped))
     if len(dropped) > len(ctx.loaders.rejected):
         ctx.log(f"left out {len(dropped)} files that do not decode (see {RunFolder.rejected})")
         write_csv(folder.rejected, ["path", "reason"], dropped)

@@ -26,18 +26,19 @@ def run_study(path: str | Path, out: str | Path = "studies", sets: list[str] = (
               log=print) -> Path:
     """Train (or skip, or resume) every child of the study file at `path`; return the study folder."""
     st = load_study(path, sets)
-    mistakes = []
-    for child in st.children:  # every run is checked before the first one trains
-        if child.config.data.path and not Path(child.config.data.path).exists() and \
-                child.config.data.path.lower() not in DATASET_NAMES:
-            mistakes.append(f"study {st.name}, run {child.name}: data {child.config.data.path} not found. "
-                            + (st.data_help or "Point it at the image folder with --set data.path=FOLDER"))
+    missing, mistakes = {}, []  # data folder -> its runs; every run is checked before the first one trains
+    for child in st.children:
+        path = child.config.data.path
+        if path and not Path(path).exists() and path.lower() not in DATASET_NAMES:
+            missing.setdefault(path, []).append(child.name)
             continue
         try:
             check_model(child.config)
         except UserError as e:
             mistakes.append(f"study {st.name}, run {child.name}: {e}")
-    raise_all(mistakes)
+    help_ = st.data_help or "Point it at the image folder with --set data.path=FOLDER"
+    raise_all([f"study {st.name}: data {path} not found (run{'s' * (len(runs) > 1)} {', '.join(runs)}). {help_}"
+               for path, runs in missing.items()] + mistakes)
     folder = Path(out) / slug(st.name)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     try:
