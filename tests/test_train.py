@@ -182,6 +182,16 @@ def test_no_better_than_chance_is_flagged(epochs, batch, advice, tmp_path, capsy
     assert s["status"] == "failed_to_learn" and "not a result" in s["message"] and advice in s["message"], s
 
 
+def test_learned_nothing_names_what_gives_more_steps():
+    from cnnlab.train.loop import learned_nothing
+
+    assert learned_nothing(0.8, [0, 1, 1, 1], 10, 8) == ""  # above always answering class 1 (0.75)
+    assert "only 10 steps of batch 8: give more epochs" in learned_nothing(0.75, [0, 1, 1, 1], 10, 8)
+    # a time budget chooses the epochs itself (and --epochs is refused beside it)
+    assert "give a longer time budget" in learned_nothing(0.5, [0, 1], 10, 8, "a longer time budget")
+    assert learned_nothing(0.5, [0, 1], 500, 8).endswith("try another learning rate")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "nope"], "unknown model 'nope'"),
     (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),

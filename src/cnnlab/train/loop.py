@@ -157,13 +157,15 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
 FEW_STEPS = 50  # a run that learned nothing in fewer optimizer steps than this has not been given a chance to
 
 
-def learned_nothing(best_val_accuracy: float, val_targets: list[int], steps: int, batch: int) -> str:
+def learned_nothing(best_val_accuracy: float, val_targets: list[int], steps: int, batch: int,
+                    more: str = "more epochs") -> str:
     """Why a run is no result, when its best validation accuracy is no better than always answering the
-    largest class of the validation split ("" when it did better), with what to change."""
+    largest class of the validation split ("" when it did better), with what to change (`more`: what
+    gives it more steps)."""
     largest = max(collections.Counter(val_targets).values(), default=0) / max(1, len(val_targets))
     if best_val_accuracy > largest + 0.01:
         return ""
-    advice = (f"it trained only {steps} steps of batch {batch}: give more epochs or a smaller batch size"
+    advice = (f"it trained only {steps} steps of batch {batch}: give {more} or a smaller batch size"
               if steps < FEW_STEPS else "try another learning rate")
     return (f"best validation accuracy {best_val_accuracy:.4f} is no better than always predicting the largest "
             f"class ({largest:.4f}); not a result: {advice}")

@@ -367,7 +367,7 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
     if "test" in summary:
         steps = len(result.history) * len(ctx.loaders.train)
         why = learned_nothing(result.history[result.best_epoch - 1]["val_accuracy"], ctx.loaders.val.y.tolist(),
-                              steps, ctx.cfg.train.batch_size)
+                              steps, ctx.cfg.train.batch_size, "a longer time budget" if ctx.budget else "more epochs")
         if result.status in ("completed", "early_stopped") and why:
             summary["status"], summary["message"] = "failed_to_learn", why
         summary["inference"] = inference_speed(model, ctx.model.size, ctx.device)
