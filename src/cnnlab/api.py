@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.core import signals
-from cnnlab.core.config import Config, load_config, set_dotted  # noqa: F401 (the CLI reads configs through the API)
+from cnnlab.core.config import Config, apply_sets, load_config, merge, set_dotted  # noqa: F401 (the CLI reads configs)
 from cnnlab.core.errors import UserError
 from cnnlab.core.figures import image_grid
 from cnnlab.core.runs import RunFolder, atomic_write, load_run, new_run_dir
@@ -67,8 +67,7 @@ def train_config(path: str | Path | None = None, overrides: dict | None = None, 
         if not path.is_file():
             raise UserError(f"--resume {resume}: not a run folder (no {RunFolder.config})")
     cfg = load_config(path, overrides, sets, from_init=not resume)
-    epochs_named = "epochs" in (overrides or {}).get("train", {}) or any(
-        s.partition("=")[0].strip() == "train.epochs" for s in sets)
+    epochs_named = "epochs" in merge(overrides or {}, apply_sets({}, sets)).get("train", {})
     if cfg.train.time_budget and epochs_named and not resume:
         raise UserError("give --epochs or --time-budget, not both: a time budget chooses the epochs itself")
     if resume:  # another --epochs makes every epoch whole: a cut-short last epoch was the old length's plan
