@@ -16,7 +16,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"  # read in place
-HEADER = "# Benchmark results\n\nEach section is written by the benchmark named in it; rerun its command to refresh it.\n"
+HEADER = ("# Benchmark results\n\nEach section is written by the benchmark named in it, one section per CPU kind "
+          "(in brackets); rerun its command to\nrefresh it.\n")
+
+
+def cpu_kind() -> str:
+    """The CPU's fastest matrix units, the thing every timing here depends on: AMX, AVX512-BF16, AVX-512 or AVX2."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+            else "AVX2" if "avx2" in flags else "?")
 
 
 def machine() -> str:
@@ -28,10 +36,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    isa = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
-           else "AVX2" if "avx2" in flags else "?")
-    return f"{cpu}, {os.cpu_count()} cores ({isa}), {platform.system()}, Python {platform.python_version()}"
+    return f"{cpu}, {os.cpu_count()} cores ({cpu_kind()}), {platform.system()}, Python {platform.python_version()}"
 
 
 def mean_sd(values: list[float], digits: int = 4) -> str:
@@ -62,6 +67,8 @@ def matmul_rates(n: int = 2048, repeats: int = 20, dtypes: tuple[str, ...] = ("f
 
 
 def update_section(name: str, body: str) -> None:
+    """Write `name`'s section for this CPU kind: a run on another kind keeps its own section beside this one."""
+    name = f"{name} ({cpu_kind()})"
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])  # quoted: pastes as it ran
     block = (f"{start}\n## {name}\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
