@@ -185,6 +185,29 @@ def test_export_goes_on_without_int8_when_the_quantizer_fails(trained, tmp_path,
     assert Predictor.load(folder, log=logs.append).kind == _auto_kind(folder) != "onnxruntime-int8"
 
 
+def test_int8_is_made_from_the_exported_graph_when_the_cleaned_one_does_not_quantize(trained, tmp_path, monkeypatch):
+    """EfficientNet-Lite0's graph after ONNX Runtime's clean-up fails the quantizer ("Graph is not a DAG"), while
+    the graph as exported quantizes: the bundle must still get its int8 engine."""
+    import onnxruntime.quantization as q
+
+    from cnnlab.serve.bundle import export
+
+    real, tried = q.quantize_static, []
+
+    def fails_on_the_cleaned_graph(source, *args, **kwargs):
+        tried.append(Path(source).name)
+        if Path(source).name == "pre.onnx":
+            raise AssertionError("Graph is not a DAG")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(q, "quantize_static", fails_on_the_cleaned_graph)
+    folder = export(trained, tmp_path / "b", log=lambda line: None)
+    int8 = _info(folder)["engines"]["int8"]
+    assert tried == ["pre.onnx", "model.onnx"]
+    assert "error" not in int8 and int8["pre_processed"] is False and int8["agreement"] > 0.9
+    assert (folder / "model.int8.onnx").exists()
+
+
 def test_the_server_reports_its_engine_and_refuses_one_that_cannot_run(trained, monkeypatch, capsys):
     from fastapi.testclient import TestClient
 

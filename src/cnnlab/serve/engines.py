@@ -92,33 +92,47 @@ def quantize_int8(folder: Path, run: RunFolder, predictor: Predictor, root: Path
     size = predictor.image_size
     logging.disable(logging.WARNING)  # the quantizer's advice to pre-process, printed on the root logger
     try:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         with tempfile.TemporaryDirectory() as tmp:
             out, ready = Path(tmp) / INT8_ONNX, Path(tmp) / "pre.onnx"
             # ONNX Runtime's clean-up first: the exporter reaches the weights FastNet's mirror pass shares through
             # Identity nodes, and the quantizer needs each weight bare. Its shape inference fails on some graphs,
-            # which may still quantize as they are.
+            # and the quantizer on some cleaned ones (EfficientNet-Lite0: "Graph is not a DAG"): those are
+            # quantized as exported.
             try:
                 quant_pre_process(str(folder / ONNX), str(ready))
+                sources = [ready, folder / ONNX]
             except Exception:
-                ready = folder / ONNX
-            keep = _classifier(ready)
-            quantize_static(str(ready), str(out), _Calibration(batches), quant_format=QuantFormat.QOperator,
-                            per_channel=True, reduce_range=QUANTIZATION["reduce_range"],
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep)
-            onnx_session(out, 1, probe=(1, 3, size, size))  # it must run, not just be written
+                sources = [folder / ONNX]
+            for source in sources:
+                try:
+                    keep = _quantize(source, out, batches)
+                    onnx_session(out, 1, probe=(1, 3, size, size))  # it must run, not just be written
+                    break
+                except Exception:  # the quantizer raises whatever an op it cannot handle raises
+                    if source == sources[-1]:
+                        raise
             atomic_write(folder / INT8_ONNX, out.read_bytes())
     except OnnxUnavailable as e:
         return {"error": f"the quantized model does not run ({e})"}
-    except Exception as e:  # the quantizer raises whatever an op it cannot handle raises: no int8 engine, said why
+    except Exception as e:  # no int8 engine, said why
         return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     finally:
         logging.disable(logging.NOTSET)
     return {**QUANTIZATION, "fp32_nodes": keep, "calibration_images": sum(len(b) for b in batches),
-            "pre_processed": ready != folder / ONNX}
+            "pre_processed": source == ready}
+
+
+def _quantize(source: Path, out: Path, batches: list[np.ndarray]) -> list[str]:
+    """Write the int8 model of `source` to `out`, calibrated on `batches`; return the nodes left in fp32."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    keep = _classifier(source)
+    quantize_static(str(source), str(out), _Calibration(batches), quant_format=QuantFormat.QOperator,
+                    per_channel=True, reduce_range=QUANTIZATION["reduce_range"], activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep)
+    return keep
 
 
 def _classifier(model: Path) -> list[str]:
