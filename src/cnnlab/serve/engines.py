@@ -1,15 +1,16 @@
 """Making and measuring a bundle's faster engines at export (the Predictor runs them: evaluate/engines.py).
 
 int8: ONNX Runtime's static quantizer on model.onnx (after its pre-processing, added after the
-measurements below were made), calibrated on an even sample of the run's validation images decoded
-and normalised exactly as the Predictor does: uint8 activations and int8 weights per output channel,
-MinMax ranges, the classifier (the last Gemm, MatMul or Conv) left in fp32. Measured on report000's
-network and EfficientNet-Lite0: keeping the classifier whole lifts top-1 agreement with fp32 from
-95.7% to 99.2% on the first, at no cost in speed; QOperator format ran EfficientNet-Lite0 25% faster
-than QDQ (equal on the other); `reduce_range` (7-bit weights), which keeps integer sums from
-saturating on CPUs without VNNI (AVX2 only, where the same file must also run right), cost neither
-speed nor agreement. A model the quantizer cannot handle gets no int8 engine; why is said in one
-line and in bundle.json.
+measurements below were made; as exported where the pre-processed graph does not quantize),
+calibrated on an even sample of the run's validation images decoded and normalised exactly as the
+Predictor does: uint8 activations and int8 weights per output channel, MinMax ranges, the classifier
+(the last Gemm, MatMul or Conv) left in fp32. Measured on report000's network and
+EfficientNet-Lite0: keeping the classifier whole lifts top-1 agreement with fp32 from 95.7% to 99.2%
+on the first, at no cost in speed; QOperator format ran EfficientNet-Lite0 25% faster than QDQ
+(equal on the other); `reduce_range` (7-bit weights), which keeps integer sums from saturating on
+CPUs without VNNI (AVX2 only, where the same file must also run right), cost neither speed nor
+agreement. A model the quantizer cannot handle gets no int8 engine; why is said in one line and in
+bundle.json.
 
 Measurements: every engine on the same test images (all of predictions.csv, or an even sample of
 `MAX_TEST_IMAGES`): test accuracy, top-1 agreement with fp32 ONNX Runtime, the largest probability
