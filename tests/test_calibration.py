@@ -101,6 +101,20 @@ def test_a_run_stores_its_temperature_and_reports_both_calibrations(trained):
     assert "reliability.png" in report and f"temperature {cal['temperature']:.3f}" in report
 
 
+def test_the_temperature_fits_the_saved_model_on_the_validation_split(trained):
+    # fitted on the logits the best epoch's validation computed (not predicted again after training): they must
+    # be the saved weights' on the validation images, in the order of their labels. The saved model's logits are
+    # T * log(p) up to a constant per image, p its calibrated probabilities; fitted again, they give T back (the
+    # validation ran in the training precision, the Predictor in fp32: bf16 moves T by well under 2%)
+    summary = json.loads((trained / "summary.json").read_text())
+    classes, root = summary["classes"], summary["data"]["root"]
+    val = [r for r in _rows(trained / "split.csv") if r["split"] == "val"]
+    t = summary["calibration"]["temperature"]
+    probs = Predictor.load(trained, engine="torch").predict_proba([f"{root}/{r['path']}" for r in val])
+    refitted, _ = fit_temperature(t * np.log(probs), np.array([classes.index(r["class"]) for r in val]))
+    assert refitted == pytest.approx(t, rel=0.02)
+
+
 def test_evaluate_applies_the_stored_temperature(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("bundle", "evaluations"))

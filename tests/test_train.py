@@ -220,7 +220,7 @@ def test_saved_weights_are_the_best_epochs(run, cifar_root):
     y = torch.tensor([meta["classes"].index(r["class"]) for r in rows])
     val = Loader(FileSource(cifar_root, [Row(r["path"], r["class"], "val", r["sha256"]) for r in rows], 32, 0), y,
                  [r["path"] for r in rows], 256, meta["mean"], meta["std"])
-    loss, acc = validate(model, val, "fp32", torch.device("cpu"))
+    loss, acc, _ = validate(model, val, "fp32", torch.device("cpu"))
     s = json.loads((run / "summary.json").read_text())
     best = list(csv.DictReader(open(run / "history.csv")))[s["best_epoch"] - 1]
     assert loss == pytest.approx(float(best["val_loss"]), abs=1e-4)

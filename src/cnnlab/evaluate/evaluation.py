@@ -38,21 +38,26 @@ def write_predictions(preds: Predictions, path: Path) -> Path:
 
 
 def calibrated_test(model, val_loader, test_loader, classes, device, out_dir: Path,
-                    out_of_fold=None) -> tuple[Predictions, dict]:
+                    out_of_fold=None, val: tuple | None = None) -> tuple[Predictions, dict]:
     """Fit the temperature on the validation split, then predict the test split with it.
 
     out_of_fold: where the validation split holds too few mistakes to fit on, a callable that returns
         (logits, targets) of the training images predicted out of fold, fitted on together with it.
+    val: (logits, targets) of `val_loader` as the best epoch's validation computed them with these weights
+        (in the training precision), which spares predicting the split again; None predicts it here (fp32).
     Returns the test predictions (calibrated probabilities) and summary.json's calibration record;
     writes reliability.png (the test split before and after) into `out_dir`.
     """
-    val = predict_loader(model, val_loader, classes, device)
-    logits, targets, images, why = val.logits, val.targets, "validation images", ""
+    if val is None:
+        predicted = predict_loader(model, val_loader, classes, device)
+        val = predicted.logits, predicted.targets
+    logits, targets = val
+    images, why = "validation images", ""
     if out_of_fold is not None and not enough_answers(logits, targets):
         more_logits, more_targets = out_of_fold()
         if len(more_targets):
             logits, targets = np.concatenate([logits, more_logits]), np.concatenate([targets, more_targets])
-            images = f"images: {len(val.targets)} validation and {len(more_targets)} training, predicted out of fold"
+            images = f"images: {len(val[1])} validation and {len(more_targets)} training, predicted out of fold"
         else:
             why = "; the training images' out-of-fold heads did not finish (a signal came, or one diverged)"
     temperature, fitted_on = fit_temperature(logits, targets, images)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +53,7 @@ class FitResult:
     status: str  # completed | early_stopped | diverged | interrupted
     train_seconds: float
     message: str = ""
+    val_logits: tuple | None = None  # (logits, targets) of the best epoch's validation, when this process ran it
 
 
 def autocast(precision: str, device: torch.device):
@@ -139,10 +141,12 @@ def _totals(sums: torch.Tensor, seen: int) -> tuple[float, int, int]:
 
 
 @torch.no_grad()
-def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> tuple[float, float]:
-    """Mean cross-entropy (no smoothing, no class weights) and accuracy, summed over ranks."""
+def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> tuple[float, float, tuple]:
+    """Mean cross-entropy (no smoothing, no class weights) and accuracy, summed over ranks; and this rank's
+    (logits, targets) as numpy arrays in the loader's order, from which the temperature is fitted."""
     model.eval()
     sums, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # on the device, as in train_one_epoch
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     for x, y, _ in loader:
         x, y = x.to(device), y.to(device)
         with autocast(precision, device):
@@ -150,8 +154,10 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
         sums += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
                              (logits.argmax(1) == y).sum().double()])
         seen += y.numel()
+        kept.append((logits.cpu(), y.cpu()))
     loss_sum, correct, seen = all_sum(list(_totals(sums, seen)), dist, device)
-    return loss_sum / max(1, seen), correct / max(1, seen)
+    logits, targets = (torch.cat(t).numpy() for t in zip(*kept)) if kept else (np.zeros((0, 0)), np.zeros(0, int))
+    return loss_sum / max(1, seen), correct / max(1, seen), (logits, targets)
 
 
 FEW_STEPS = 50  # a run that learned nothing in fewer optimizer steps than this has not been given a chance to
@@ -265,7 +271,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
     higher = cfg.monitor == "val_accuracy"
     p = {"epoch": 1, "step": 0, "totals": [0.0, 0, 0], "history": [], "best": -math.inf if higher else math.inf,
          "best_epoch": 0, "stale": 0, "train_seconds": 0.0, "run": run_info or {}}
-    best_state = None
+    best_state = best_val = None  # best_val: the best epoch's validation (logits, targets), if it ran here
     if resume:
         tensors, meta = resume
         restore_training(tensors, meta, net, optimizer, scheduler, scaler)
@@ -311,7 +317,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
                 status = "interrupted"
                 message = f"stopped during epoch {epoch}; continue with: cnnlab train --resume {run_dir}"
                 break
-            val_loss, val_acc = validate(runner, loaders.val, precision, device, dist)
+            val_loss, val_acc, val = validate(runner, loaders.val, precision, device, dist)
             row = {"epoch": epoch, "lr": lr, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
                    "val_loss": val_loss, "val_accuracy": val_acc, "seconds": 0.0, "phase": phase}
             metric = val_acc if higher else val_loss
@@ -319,6 +325,7 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             if improved and _finite(net):
                 p.update(best=metric, best_epoch=epoch, stale=0)
                 best_state = copy.deepcopy(net.state_dict())
+                best_val = None if dist.active else val  # a rank's shard is not the validation split
                 if dist.main and best is not None:
                     best.save()
             else:
@@ -373,4 +380,4 @@ def fit(model: nn.Module, loaders, cfg: TrainConfig, run_dir: Path, *, device: t
             epoch += 1
     if best_state is not None:
         net.load_state_dict(best_state)
-    return FitResult(p["history"], p["best_epoch"], status, round(p["train_seconds"], 3), message)
+    return FitResult(p["history"], p["best_epoch"], status, round(p["train_seconds"], 3), message, best_val)

@@ -231,15 +231,13 @@ def _model_meta(model: ModelSetup, split: Split, loaders: Loaders, run_info: dic
 
 
 def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
-    """Run each phase's fit; a resumed run skips the phases it finished.
-
-    Returns the result over all phases, the phases' records, and the evaluator (module, loaders, out-of-fold
-    logits or None): the full model on images, or the head on cached features and its out-of-fold callable.
-    """
+    """Run each phase's fit (a resumed run skips the phases it finished); return the result over all phases, the
+    phases' records and the evaluator: (the model or a head on features, its loaders, the out-of-fold callable
+    or None, the best epoch's validation (logits, targets) or None)."""
     model, folder, dist = ctx.model.net, ctx.folder, ctx.dist
     done = load_json(folder.phases) if folder.phases.is_file() else []
     rows = [r for d in done for r in d["history"]]
-    result, evaluator = None, (model, ctx.loaders, None)
+    result, evaluator = None, (model, ctx.loaders, None, None)
     for ph in ctx.model.phases:
         if any(d["name"] == ph.name for d in done):
             continue
@@ -271,7 +269,8 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
                      best=_best_weights(ctx, net),
                      **(fit_limits(ctx.budget, ctx.split.sizes(), ctx.started) if ctx.budget else {}))
         evaluator = (net.module if dist.active else net, ld, None if features is None else functools.partial(
-            out_of_fold_logits, net, ld, train_cfg, device=ctx.device, precision=ctx.precision, class_weights=weights))
+            out_of_fold_logits, net, ld, train_cfg, device=ctx.device, precision=ctx.precision, class_weights=weights),
+            result.val_logits)
         if features is not None and result.best_epoch and dist.main:  # the backbone with the best head
             _save_model(ctx)
         seconds = result.train_seconds + (features["seconds"] if features else 0.0)
@@ -280,7 +279,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
                      "params_trainable": trainable, "features": features, "history": result.history})
         if result.best_epoch == 0 and len(done) > 1:  # nothing better than the earlier phase: keep its weights
             load_saved(model, folder)
-            evaluator = (model, ctx.loaders, None)
+            evaluator = (model, ctx.loaders, None, None)
         if result.status not in ("completed", "early_stopped"):
             break
         if dist.main:
@@ -288,7 +287,7 @@ def _run_phases(ctx: RunContext) -> tuple[FitResult, list[dict], tuple]:
         rows = rows + result.history
     if result is None:  # every phase had finished (a resume after the last epoch): the saved model is the result
         load_saved(model, folder)
-        evaluator = (model, ctx.loaders, None)
+        evaluator = (model, ctx.loaders, None, None)
     return _combined(done, result.message if result else ""), done, evaluator
 
 
@@ -353,9 +352,9 @@ def _finish(ctx: RunContext, result: FitResult, phases: list[dict], evaluator: t
     if result.history:
         save_figure(plot_curves(result.history, title=ctx.model.name), folder.curves)
     if result.best_epoch and result.status != "interrupted":
-        net, ld, out_of_fold = evaluator  # out of fold over ImageNet features only: a run's (--from) saw these images
+        net, ld, out_of_fold, val = evaluator  # out of fold over ImageNet features only: a run's (--from) saw them
         preds, summary["calibration"] = calibrated_test(net, ld.val_all or ld.val, ld.test, split.classes, ctx.device,
-                                                        folder.dir, None if ctx.cfg.model.init else out_of_fold)
+                                                        folder.dir, None if ctx.cfg.model.init else out_of_fold, val)
         summary["test"] = write_evaluation(preds, ctx.root, folder.dir, model, ctx.meta)
         ctx.meta["temperature"] = summary["calibration"]["temperature"]
         save_json(folder.model, ctx.meta)  # model.json beside the weights written last: now with the temperature
