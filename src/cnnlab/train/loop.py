@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -141,9 +140,9 @@ def _totals(sums: torch.Tensor, seen: int) -> tuple[float, int, int]:
 
 
 @torch.no_grad()
-def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> tuple[float, float, tuple]:
+def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> tuple[float, float, tuple | None]:
     """Mean cross-entropy (no smoothing, no class weights) and accuracy, summed over ranks; and this rank's
-    (logits, targets) as numpy arrays in the loader's order, from which the temperature is fitted."""
+    (logits, targets) as numpy arrays in the loader's order (None for no images), to fit the temperature on."""
     model.eval()
     sums, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # on the device, as in train_one_epoch
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -154,10 +153,10 @@ def validate(model, loader, precision, device, dist: DistInfo = DistInfo()) -> t
         sums += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
                              (logits.argmax(1) == y).sum().double()])
         seen += y.numel()
-        kept.append((logits.cpu(), y.cpu()))
+        kept.append((logits, y))  # moved off a GPU once, at the end: no sync per batch
     loss_sum, correct, seen = all_sum(list(_totals(sums, seen)), dist, device)
-    logits, targets = (torch.cat(t).numpy() for t in zip(*kept)) if kept else (np.zeros((0, 0)), np.zeros(0, int))
-    return loss_sum / max(1, seen), correct / max(1, seen), (logits, targets)
+    val = tuple(torch.cat(t).cpu().numpy() for t in zip(*kept)) if kept else None
+    return loss_sum / max(1, seen), correct / max(1, seen), val
 
 
 FEW_STEPS = 50  # a run that learned nothing in fewer optimizer steps than this has not been given a chance to
