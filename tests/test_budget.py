@@ -50,7 +50,7 @@ def test_the_widest_network_that_gets_ten_epochs_is_chosen(squares, monkeypatch,
         return budget.Rate(name, steps[name], 1e9)  # evaluation free: the epochs are the training steps
 
     monkeypatch.setattr(budget, "probe", probe)
-    cfg = load_config(None, {"data": {"path": str(squares)}, "train": {"time_budget": f"{seconds}s"}})
+    cfg = load_config(None, {"data": {"path": str(squares)}, "train": {"time_budget": f"{seconds}s", "batch_size": 512}})
     split = _split(squares)
     assert len(split.of("train")) <= cfg.train.batch_size  # one step an epoch
     planned, record = budget.plan(cfg, split, time.monotonic(), None, "fp32", log=lambda line: None)
